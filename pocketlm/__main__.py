@@ -1,0 +1,3 @@
+from pocketlm.cli import main
+
+raise SystemExit(main())

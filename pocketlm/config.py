@@ -1,0 +1,267 @@
+"""Typed configuration: one dataclass per concern, YAML presets, dotted CLI overrides.
+
+One spelling everywhere: the field `train.lr` is the YAML key `train: {lr: ...}`, the flag `--train.lr`
+and the key in the run folder's `config.yaml`. Every field's help text lives next to it and becomes
+`--help`. Validation errors are `ConfigError`s with a one-line message and, for typos, the closest name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pocketlm.errors import ConfigError, PocketLMError
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - `help` reads best at the call sites
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    """The GPT's shape (GPT-2 layout)."""
+
+    vocab_size: int = _f(0, "vocabulary size; 0 = take it from the dataset's tokenizer")
+    n_layer: int = _f(4, "number of transformer blocks")
+    n_head: int = _f(4, "attention heads per block (must divide n_embd)")
+    n_embd: int = _f(128, "width of the residual stream")
+    block_size: int = _f(256, "context length in tokens")
+    dropout: float = _f(0.0, "dropout on embeddings, attention and residuals (0 for short runs)")
+    bias: bool = _f(True, "biases in Linear and LayerNorm layers (GPT-2 has them)")
+
+
+@dataclass
+class DataConfig:
+    """What `prepare` builds and `train` reads."""
+
+    path: str = _f("", "prepared dataset folder (written by `pocketlm prepare`)")
+    tokenizer: str = _f("bpe", "'char', 'bpe' (byte-level BPE), or a folder / tokenizer.json to reuse")
+    vocab_size: int = _f(2048, "BPE vocabulary size, special tokens included")
+    separator: str = _f(
+        "blank-line",
+        "how input files split into documents: 'blank-line', 'line', 'file', or a literal string",
+    )
+    eot_token: str = _f("<|endoftext|>", "special token written after every document")
+    val_fraction: float = _f(0.1, "share of documents held out for validation (ignored with --val)")
+    test_fraction: float = _f(0.0, "share of documents held out for test (ignored with --test)")
+    split_seed: int = _f(1337, "seed of the document-level train/val/test split")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation and the run's bookkeeping."""
+
+    out: str = _f("", "run folder: config.yaml, metrics.jsonl, checkpoints best/ and last/")
+    batch_size: int = _f(12, "sequences per micro-batch (per process)")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr: float = _f(1e-3, "peak learning rate")
+    min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = _f(100, "linear warmup steps")
+    max_steps: int = _f(2000, "optimizer steps in total")
+    weight_decay: float = _f(0.1, "AdamW weight decay on matrices (not on biases, norms)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.99, "AdamW beta2")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
+    eval_interval: int = _f(250, "evaluate and save a checkpoint every N steps")
+    eval_steps: int = _f(20, "batches per evaluation")
+    log_interval: int = _f(10, "print and log training metrics every N steps")
+    seed: int = _f(1337, "seed for initialisation, batches and dropout")
+    device: str = _f("auto", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    dtype: str = _f("auto", "'auto', 'float32', 'bfloat16' or 'float16' (autocast; GPU only)")
+    compile: bool = _f(False, "torch.compile the model (measure first: it helps most on GPUs)")
+    threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
+
+
+@dataclass
+class SampleConfig:
+    """Generation defaults (also written to generation_config.json)."""
+
+    prompt: str = _f("\n", "text the samples start from")
+    max_new_tokens: int = _f(200, "tokens to generate per sample")
+    temperature: float = _f(0.8, "softmax temperature; 0 = greedy")
+    top_k: int = _f(50, "keep only the k most likely tokens (0 = off)")
+    top_p: float = _f(1.0, "nucleus sampling: keep the smallest set with this much probability (1 = off)")
+    repetition_penalty: float = _f(1.0, "divide logits of tokens already present (1 = off)")
+    num_samples: int = _f(1, "samples to generate (batched)")
+    seed: int = _f(1337, "sampling seed")
+    stop: list[str] = _f(None, "stop strings; generation ends at the first one (repeatable)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> Config:
+        m, t = self.model, self.train
+        if m.n_embd % m.n_head:
+            raise ConfigError(
+                f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
+                f"try --model.n_head {_divisor_near(m.n_embd, m.n_head)}"
+            )
+        for name, value in [
+            ("model.n_layer", m.n_layer), ("model.n_head", m.n_head), ("model.n_embd", m.n_embd),
+            ("model.block_size", m.block_size), ("train.batch_size", t.batch_size),
+            ("train.grad_accum", t.grad_accum), ("train.max_steps", t.max_steps),
+            ("train.eval_interval", t.eval_interval), ("train.eval_steps", t.eval_steps),
+            ("train.log_interval", t.log_interval),
+        ]:
+            if value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
+        if not 0.0 <= m.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+        if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+            raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0, got lr={t.lr} min_lr={t.min_lr}")
+        if t.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+        d = self.data
+        if not (0 <= d.val_fraction < 1 and 0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1):
+            raise ConfigError("data.val_fraction and data.test_fraction must be in [0, 1) and sum below 1")
+        if t.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"train.dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}")
+        return self
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "sample": SampleConfig}
+
+
+def _divisor_near(n: int, k: int) -> int:
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), d))
+
+
+def fields_of(section: str) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+
+
+def _base_type(tp: Any) -> Any:
+    """`list[str] | None` -> list; `int` -> int."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    return origin or tp
+
+
+def _hints(section: str) -> dict[str, Any]:
+    return typing.get_type_hints(SECTIONS[section])
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(sorted(choices))}"
+
+
+def coerce(key: str, value: Any, from_string: bool = False) -> Any:
+    """Check `value` against the type of `section.field` named by `key`; parse it if it came from argv."""
+    section, _, name = key.partition(".")
+    tp = _base_type(_hints(section)[name])
+    if value is None:
+        return None
+    if from_string and isinstance(value, str):
+        try:
+            if tp is bool:
+                low = value.lower()
+                if low not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError
+                return low in ("true", "1", "yes", "on")
+            if tp is list:
+                return [value]
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"--{key} expects {tp.__name__}, got {value!r}") from None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is list and isinstance(value, str):
+        return [value]
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} expects {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def apply(cfg: Config, overrides: dict[str, Any], from_string: bool = False) -> Config:
+    """Set dotted keys (`"train.lr": 3e-4`) on a config, with type checks and typo suggestions."""
+    for key, value in overrides.items():
+        section, dot, name = key.partition(".")
+        if section not in SECTIONS or not dot:
+            raise ConfigError(f"unknown config section in '{key}'" + _suggest(section, list(SECTIONS)))
+        valid = list(fields_of(section))
+        if name not in valid:
+            raise ConfigError(f"unknown config key '{key}'" + _suggest(name, valid).replace("'", f"'{section}.", 1))
+        setattr(getattr(cfg, section), name, coerce(key, value, from_string))
+    return cfg
+
+
+def flatten(tree: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """`{"train": {"lr": 1}}` -> `{"train.lr": 1}`, rejecting keys that are not sections."""
+    out: dict[str, Any] = {}
+    for section, body in tree.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section '{section}'{where}" + _suggest(str(section), list(SECTIONS)))
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"config section '{section}'{where} must be a mapping of keys to values")
+        out.update({f"{section}.{k}": v for k, v in body.items()})
+    return out
+
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A YAML path, or the name of a bundled preset (`small-cpu`)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    bundled = PRESET_DIR / f"{Path(name_or_path).stem}.yaml"
+    if bundled.is_file():
+        return bundled
+    names = sorted(f.stem for f in PRESET_DIR.glob("*.yaml"))
+    raise ConfigError(f"config file not found: {name_or_path} (bundled presets: {', '.join(names)})")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must be a mapping with sections model/data/train/sample")
+    return flatten(tree, where=f" in {path}")
+
+
+def load(preset: str | Path | None = None, overrides: dict[str, Any] | None = None,
+         cli_overrides: dict[str, str] | None = None) -> Config:
+    """Defaults <- YAML preset <- Python overrides <- CLI strings, then validation."""
+    cfg = Config()
+    if preset:
+        apply(cfg, load_yaml(resolve_preset(str(preset))))
+    apply(cfg, overrides or {})
+    apply(cfg, cli_overrides or {}, from_string=True)
+    return cfg.validate()
+
+
+def from_dict(tree: dict[str, Any]) -> Config:
+    return apply(Config(), flatten(tree))
+
+
+def save_yaml(cfg: Config, path: Path) -> None:
+    from pocketlm.checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+__all__ = ["Config", "ModelConfig", "DataConfig", "TrainConfig", "SampleConfig", "load", "apply", "from_dict",
+           "save_yaml", "load_yaml", "PocketLMError", "ConfigError"]

@@ -1,0 +1,1 @@
+"""Data stages: read documents, prepare token shards; one module per stage."""

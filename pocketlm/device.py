@@ -1,0 +1,98 @@
+"""Device, dtype and distributed setup, decided once per run, with the reason logged.
+
+Nothing here runs at import time. Under `torchrun` (RANK/WORLD_SIZE in the environment) `setup()` starts
+the process group: NCCL on CUDA, gloo on CPU, each rank on its own GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pocketlm.errors import PocketLMError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype; float32 = no autocast
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    reason: str = ""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+def pick_device(requested: str = "auto", local_rank: int = 0) -> tuple[torch.device, str]:
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank), f"CUDA available ({torch.cuda.get_device_name(local_rank)})"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps"), "Apple GPU (MPS) available"
+        return torch.device("cpu"), "no GPU found"
+    dev = torch.device(requested)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PocketLMError("--train.device cuda was asked for but no CUDA GPU is visible; use --train.device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise PocketLMError("--train.device mps was asked for but MPS is not available; use --train.device cpu")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev, "requested"
+
+
+def pick_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
+    if requested == "auto":
+        if device.type == "cuda":
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16, "bf16 autocast: the GPU supports it"
+            return torch.float16, "fp16 autocast with loss scaling: the GPU has no bf16"
+        return torch.float32, f"float32: autocast on {device.type} is slower than fp32 without bf16 units"
+    dtype = DTYPES[requested]
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise PocketLMError("bfloat16 was asked for but this GPU does not support it; use --train.dtype float16")
+    if dtype == torch.float16 and device.type == "cpu":
+        raise PocketLMError("float16 autocast is not supported on CPU; use --train.dtype float32 or bfloat16")
+    return dtype, "requested"
+
+
+def setup(device: str = "auto", dtype: str = "auto", threads: int = 0) -> Runtime:
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    dev, why_dev = pick_device(device, local_rank)
+    dt, why_dt = pick_dtype(dtype, dev)
+    if threads:
+        torch.set_num_threads(threads)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    reason = f"device {dev} ({why_dev}); {why_dt}"
+    if world > 1:
+        reason += f"; rank {rank}/{world}"
+    return Runtime(dev, dt, rank, local_rank, world, reason)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

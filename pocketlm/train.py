@@ -1,0 +1,377 @@
+"""The one training loop: pretraining today; fine-tuning, SFT and preference tuning plug in as Tasks.
+
+A `Task` says what differs between kinds of training: where batches come from, how the loss is computed,
+which parameters train. The loop owns everything else: schedule, accumulation, clipping, DDP, evaluation,
+checkpoints, metrics and progress. Callbacks observe it (`on_log`, `on_eval`, `on_checkpoint`).
+
+Batches are a pure function of (seed, step, micro-step, rank): nothing about the data position needs
+saving, resume is exact, and the global batch (micro x accumulation x world) is the same set of samples
+whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pocketlm import checkpoint as ckpt
+from pocketlm import config as configlib
+from pocketlm.config import Config
+from pocketlm.data.prepare import Dataset
+from pocketlm.device import Runtime, setup, teardown
+from pocketlm.errors import PocketLMError
+from pocketlm.model import GPT, GPTConfig
+from pocketlm.progress import Progress, fmt_duration
+
+SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
+
+
+def lr_at(step: int, cfg: configlib.TrainConfig) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+class LMTask:
+    """Next-token prediction on a prepared dataset: random windows of block_size + 1 tokens."""
+
+    def __init__(self, dataset: Dataset, block_size: int) -> None:
+        self.dataset = dataset
+        self.block_size = block_size
+        self.splits = {name: dataset.split(name) for name in ("train", "val", "test")}
+        for name in ("train", "val"):
+            n = len(self.splits[name])
+            if n < block_size + 1:
+                fix = ("lower --model.block_size" if n > 1 else "give more text or a held-out --val file")
+                raise PocketLMError(f"the {name} split has {n} tokens, fewer than block_size + 1 = "
+                                    f"{block_size + 1}: {fix}")
+        self.arange = np.arange(block_size + 1)
+
+    def batch(self, split: str, step: int, micro: int, batch_size: int, grad_accum: int, rt: Runtime,
+              seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        data = self.splits[split]
+        per_step = batch_size * grad_accum * rt.world_size
+        rng = np.random.default_rng([seed, SPLIT_CODE[split], step])
+        offsets = rng.integers(0, len(data) - self.block_size, size=per_step)
+        start = (micro * rt.world_size + rt.rank) * batch_size  # this rank's disjoint slice of the step
+        rows = data[offsets[start:start + batch_size, None] + self.arange].astype(np.int64)
+        t = torch.from_numpy(rows)
+        if device.type == "cuda":
+            t = t.pin_memory().to(device, non_blocking=True)
+        else:
+            t = t.to(device)
+        return t[:, :-1], t[:, 1:]
+
+    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return model(x, y)[1]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (linear weights, embeddings); never biases or norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+@dataclass
+class State:
+    step: int = 0
+    tokens: int = 0
+    best_val: float = float("inf")
+    elapsed: float = 0.0  # training seconds across resumes
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line with `step`; on resume, later lines are dropped."""
+
+    def __init__(self, path: Path, keep_until: int | None) -> None:
+        self.path = path
+        if keep_until is not None and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= keep_until]
+            ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+        elif keep_until is None:
+            ckpt.atomic_write_text(path, "")
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.f.write(json.dumps(record) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume:
+        ckpt.recover(out / "last")
+        if not (out / "last" / "trainer_state.json").is_file():
+            raise PocketLMError(f"nothing to resume in {out} (no last/ checkpoint); drop --resume to start fresh")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise PocketLMError(f"run folder {out} already exists: pass --resume to continue it or --overwrite "
+                                "to start over")
+        for sub in ("best", "last", "metrics.jsonl", "config.yaml"):
+            p = out / sub
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def check_resume_compatible(saved: dict[str, Any], cfg: Config) -> None:
+    old = configlib.from_dict(saved)
+    diffs = [f"model.{k}" for k, v in vars(old.model).items() if getattr(cfg.model, k) != v and k != "dropout"]
+    if diffs:
+        raise PocketLMError(f"--resume with a different model shape ({', '.join(diffs)}): the checkpoint cannot "
+                            "continue; use the run's own config or start a new run with --out")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, task: LMTask | None = None, resume: bool = False, overwrite: bool = False,
+                 callbacks: list[Any] | None = None, verbose: bool = True) -> None:
+        self.cfg, self.resume, self.callbacks = cfg, resume, callbacks or []
+        t = cfg.train
+        if not t.out:
+            raise PocketLMError("no run folder given: pass --out RUN_DIR")
+        self.out = Path(t.out)
+        self.rt = setup(t.device, t.dtype, t.threads)
+        self.verbose = verbose and self.rt.is_main
+        self.dataset = Dataset(cfg.data.path) if task is None else getattr(task, "dataset", None)
+        if cfg.model.vocab_size == 0 and self.dataset is not None:
+            cfg.model.vocab_size = self.dataset.vocab_size
+        if self.dataset is not None and cfg.model.vocab_size < self.dataset.vocab_size:
+            raise PocketLMError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
+                                f"{self.dataset.vocab_size}; leave it at 0 to take the tokenizer's")
+        self.task = task or LMTask(self.dataset, cfg.model.block_size)
+        if self.rt.is_main:
+            prepare_run_dir(self.out, resume, overwrite)
+        self._barrier()
+
+        torch.manual_seed(t.seed)
+        self.model = GPT(GPTConfig(**vars(cfg.model))).to(self.rt.device)
+        fused = self.rt.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr,
+                                           betas=(t.beta1, t.beta2), fused=fused or None)
+        self.state = State()
+        if resume:
+            self._load_last()
+        self.fwd = self.model
+        if self.rt.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
+            self.fwd = DDP(self.model, device_ids=ids)
+        if t.compile:
+            self.fwd = torch.compile(self.fwd)  # the uncompiled self.model is what gets saved
+        self.scaler = torch.amp.GradScaler(enabled=self.rt.dtype == torch.float16)
+        if self.rt.is_main:
+            configlib.save_yaml(cfg, self.out / "config.yaml")
+        self.log = MetricsLog(self.out / "metrics.jsonl", self.state.step if resume else None) \
+            if self.rt.is_main else None
+        self.stop_requested = False
+
+    # -- state --------------------------------------------------------------------------------------
+    def _load_last(self) -> None:
+        folder = self.out / "last"
+        meta, opt_state, rng = ckpt.load_trainer_state(folder)
+        check_resume_compatible(meta["config"], self.cfg)
+        model, _ = ckpt.load_model(folder, self.rt.device)
+        self.model.load_state_dict(model.state_dict())
+        if opt_state is not None:
+            self.optimizer.load_state_dict(opt_state)
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.rt.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
+        self.state = State(step=meta["step"], tokens=meta["tokens"], best_val=meta["best_val"],
+                           elapsed=meta.get("elapsed", 0.0))
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        rng = {"torch": torch.get_rng_state()}
+        if self.rt.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        return rng
+
+    def save(self, name: str, with_optimizer: bool) -> Path:
+        """Write a checkpoint folder atomically (rank 0 only)."""
+        dst = self.out / name
+        if self.rt.is_main:
+            tmp = self.out / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            eot = self.dataset.manifest["tokenizer"]["eot_id"] if self.dataset else None
+            s = self.cfg.sample
+            gen = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
+                   "max_new_tokens": s.max_new_tokens, "repetition_penalty": s.repetition_penalty}
+            ckpt.save_model(self.model, tmp, self.dataset.path if self.dataset else None, eot, gen)
+            meta = {"step": self.state.step, "tokens": self.state.tokens, "best_val": self.state.best_val,
+                    "elapsed": self.state.elapsed, "config": self.cfg.to_dict()}
+            ckpt.save_trainer_state(tmp, meta, self.optimizer if with_optimizer else None, self._rng_state())
+            ckpt.replace_dir(tmp, dst)
+            for cb in self.callbacks:
+                getattr(cb, "on_checkpoint", lambda *a: None)(self.state.step, dst)
+        self._barrier()
+        return dst
+
+    def _barrier(self) -> None:
+        if self.rt.distributed:
+            dist.barrier()
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, split: str = "val") -> float:
+        """Mean loss over eval_steps fixed batches (the same batches at every evaluation)."""
+        t = self.cfg.train
+        self.model.eval()
+        total = torch.zeros(2, device=self.rt.device)
+        for i in range(self.rt.rank, t.eval_steps, self.rt.world_size):  # sharded across ranks
+            batch = self.task.batch(split, 10**9 + i, 0, t.batch_size, 1, _single(self.rt), t.seed, self.rt.device)
+            with self.rt.autocast():
+                total[0] += self.task.loss(self.model, batch).float()
+            total[1] += 1
+        if self.rt.distributed:
+            dist.all_reduce(total)
+        self.model.train()
+        return (total[0] / total[1]).item()
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def fit(self) -> State:
+        t, st, rt = self.cfg.train, self.state, self.rt
+        tokens_per_step = t.batch_size * t.grad_accum * rt.world_size * self.cfg.model.block_size
+        flops_per_token = self.model.flops_per_token()
+        if self.verbose:
+            print(f"pocketlm: {self.model.num_params() / 1e6:.2f}M parameters | {rt.reason}", file=sys.stderr)
+            print(f"pocketlm: {t.max_steps} steps x {tokens_per_step:,} tokens/step -> {self.out}", file=sys.stderr)
+        bar = Progress("train", t.max_steps, " steps", enabled=self.verbose)
+        bar.done = st.step
+        old_handler = self._install_sigint()
+        self.model.train()
+        window_s, window_tokens, shown = 0.0, 0, ""
+        try:
+            while st.step < t.max_steps and not self.stop_requested:
+                step_t0 = time.perf_counter()
+                lr = lr_at(st.step, t)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum = torch.zeros((), device=rt.device)
+                for micro in range(t.grad_accum):
+                    batch = self.task.batch("train", st.step, micro, t.batch_size, t.grad_accum, rt, t.seed,
+                                            rt.device)
+                    sync = micro == t.grad_accum - 1 or not rt.distributed
+                    with (contextlib.nullcontext() if sync else self.fwd.no_sync()), rt.autocast():
+                        loss = self.task.loss(self.fwd, batch) / t.grad_accum
+                    self.scaler.scale(loss).backward()
+                    loss_sum += loss.detach()
+                self.scaler.unscale_(self.optimizer)
+                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0
+                                                       else float("inf"))
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                st.step += 1
+                st.tokens += tokens_per_step
+                step_s = time.perf_counter() - step_t0
+                st.elapsed += step_s
+                window_s += step_s
+                window_tokens += tokens_per_step
+                if st.step % t.log_interval == 0 or st.step == t.max_steps:
+                    if rt.distributed:
+                        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+                    tps = window_tokens / window_s  # step time only: evaluation and saving excluded
+                    window_s, window_tokens = 0.0, 0
+                    loss_value = loss_sum.item()
+                    self._emit("on_log", {"step": st.step, "train/loss": loss_value, "lr": lr,
+                                          "grad_norm": gnorm.item(), "tokens": st.tokens, "tokens_per_s": round(tps),
+                                          "tflops": round(tps * flops_per_token / 1e12, 4),
+                                          "elapsed_s": round(st.elapsed, 2)})
+                    shown = f"loss {loss_value:.4f} | {tps:,.0f} tok/s"
+                bar.update(1, shown)
+                if st.step % t.eval_interval == 0 or st.step == t.max_steps:
+                    self._eval_and_save()
+        finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+            if self.log:
+                self.log.close()
+        if self.stop_requested and st.step < t.max_steps:
+            self.save("last", with_optimizer=True)
+            if self.verbose:
+                print(f"\ninterrupted at step {st.step}: saved {self.out / 'last'}; continue with --resume",
+                      file=sys.stderr)
+        bar.close(f"done in {fmt_duration(st.elapsed)}")
+        teardown()
+        return st
+
+    def _eval_and_save(self) -> None:
+        st = self.state
+        t0 = time.perf_counter()
+        val = self.evaluate("val")
+        record = {"step": st.step, "val/loss": val, "tokens": st.tokens, "eval_s": round(time.perf_counter() - t0, 2)}
+        improved = val < st.best_val
+        if improved:
+            st.best_val = val
+        record["val/best_loss"] = st.best_val
+        self._emit("on_eval", record)
+        if self.verbose:
+            tag = " (best)" if improved else ""
+            print(f"\rstep {st.step}: val loss {val:.4f}{tag}\033[K" if sys.stderr.isatty()
+                  else f"step {st.step}: val loss {val:.4f}{tag}", file=sys.stderr)
+        if improved:
+            self.save("best", with_optimizer=False)
+        self.save("last", with_optimizer=True)
+
+    def _emit(self, hook: str, record: dict[str, Any]) -> None:
+        st = self.state
+        st.history.append(record)
+        if self.log:
+            self.log.write(record)
+        for cb in self.callbacks:
+            getattr(cb, hook, lambda *a: None)(st.step, record)
+
+    def _install_sigint(self) -> Callable | None:
+        """First Ctrl-C: finish the step, save last/, exit cleanly. Second: stop at once."""
+        if not self.rt.is_main or not _is_main_thread():
+            return None
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            print("\nstopping after this step (Ctrl-C again to abort)...", file=sys.stderr)
+
+        return signal.signal(signal.SIGINT, handler)
+
+
+def _single(rt: Runtime) -> Runtime:
+    return Runtime(rt.device, rt.dtype)
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def train(cfg: Config, resume: bool = False, overwrite: bool = False, task: LMTask | None = None,
+          callbacks: list[Any] | None = None, verbose: bool = True) -> State:
+    """Train a model as `cfg` says; returns the final state (step, best val loss, metric history)."""
+    trainer = Trainer(cfg, task, resume, overwrite, callbacks, verbose)
+    return trainer.fit()
+
