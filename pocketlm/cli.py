@@ -30,7 +30,11 @@ ALIASES = {
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that raises instead of printing usage, so every error is one line."""
+    """argparse that raises instead of printing usage, so every error is one line; no abbreviated flags."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         raise PocketLMError(f"{self.prog}: {message} (see --help)")

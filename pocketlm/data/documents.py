@@ -93,6 +93,6 @@ def iter_documents(path: Path, separator: str) -> Iterator[str]:
         while chunk := f.read(1 << 20):
             parts = (tail + chunk).split(separator)
             tail = parts.pop()
-            yield from (p for p in parts if p.strip())
+            yield from (p.strip("\r\n") for p in parts if p.strip())
         if tail.strip():
-            yield tail
+            yield tail.strip("\r\n")

@@ -1,0 +1,296 @@
+"""Core benchmark: pocketlm against nanoGPT's CPU Shakespeare-char configuration (issue 2).
+
+One invocation trains the same 4-layer, 128-wide, block-64 character model with nanoGPT's `train.py`
+(its README CPU command) and with `pocketlm train`, on tinyshakespeare split as nanoGPT splits it
+(first 90% of characters train, last 10% val); then times greedy batch-1 generation of pocketlm's
+KV-cache `Engine` against Hugging Face `generate()` on the same weights. One JSON line per figure:
+
+    python benchmarks/bench_core.py [--nanogpt ../nanoGPT] [--data ../shared/data/tinyshakespeare.txt] [--quick]
+
+nanoGPT is run from its own checkout (never copied): a temp dir holds symlinks to its scripts and the
+prepared data, so nothing is written into the checkout. Results go in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_ARGS = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "batch_size": 12}
+PROMPT = "ROMEO:"
+
+
+def emit(record: dict[str, Any]) -> dict[str, Any]:
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def load_1m() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def busy_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat (zeros where absent)."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0, 0
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # idle and iowait are not busy
+
+
+def timed_run(cmd: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None) -> dict[str, float]:
+    """Run cmd with stdout+stderr to `log` (exit on failure): wall s, CPU s, peak RSS MiB, others' CPU share."""
+    time_bin = shutil.which("time", path="/usr/bin:/bin")
+    rss_file = log.with_suffix(".rss")
+    full = [time_bin, "-v", "-o", str(rss_file), *cmd] if time_bin else cmd
+    r0, (b0, t0_ticks) = resource.getrusage(resource.RUSAGE_CHILDREN), busy_ticks()
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.run(full, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    wall = time.perf_counter() - t0
+    r1, (b1, t1_ticks) = resource.getrusage(resource.RUSAGE_CHILDREN), busy_ticks()
+    if rc != 0:
+        sys.exit(f"bench_core: `{' '.join(cmd)}` failed ({rc}); last lines of {log}:\n"
+                 + "\n".join(log.read_text().splitlines()[-15:]))
+    if time_bin:
+        kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", rss_file.read_text()).group(1))
+    else:  # max over every child so far: exact only for the largest one
+        kb = r1.ru_maxrss
+    cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+    hz = os.sysconf("SC_CLK_TCK")
+    # CPU time the rest of the machine used meanwhile, as a share of all cores: the contention we ran under
+    others = max(0.0, (b1 - b0) / hz - cpu) / max(1e-9, (t1_ticks - t0_ticks) / hz) * 100 if t1_ticks else -1.0
+    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mb": round(kb / 1024),
+            "others_cpu_pct": round(others, 1)}
+
+
+def windows(ms: list[float], size: int = 10) -> list[float]:
+    """Means of consecutive groups of `size` step times: pocketlm logs every 10 steps, so compare like with like."""
+    return [statistics.fmean(ms[i:i + size]) for i in range(0, len(ms) - size + 1, size)]
+
+
+def full_val_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tokens: np.ndarray,
+                  block: int, batch: int = 128) -> float:
+    """Mean next-token loss over every non-overlapping block of the split (the whole val set, not a sample)."""
+    n = (len(tokens) - 1) // block
+    x = torch.from_numpy(np.asarray(tokens[:n * block], dtype=np.int64).reshape(n, block))
+    y = torch.from_numpy(np.asarray(tokens[1:n * block + 1], dtype=np.int64).reshape(n, block))
+    total = 0.0
+    with torch.inference_mode():
+        for i in range(0, n, batch):
+            total += loss_fn(x[i:i + batch], y[i:i + batch]).item() * len(x[i:i + batch])
+    return total / n
+
+
+# ---- nanoGPT ------------------------------------------------------------------------------------------
+
+def nanogpt_workdir(nanogpt: Path, text: Path, work: Path) -> Path:
+    """A cwd for nanoGPT's train.py: symlinks to its scripts, data/shakespeare_char/ prepared from `text`."""
+    cwd = work / "nanogpt"
+    data = cwd / "data" / "shakespeare_char"
+    data.mkdir(parents=True)
+    for name in ("train.py", "model.py", "configurator.py", "config"):
+        (cwd / name).symlink_to(nanogpt / name)
+    shutil.copy(nanogpt / "data" / "shakespeare_char" / "prepare.py", data / "prepare.py")
+    shutil.copy(text, data / "input.txt")  # prepare.py downloads only when input.txt is missing
+    stub = work / "no_network"
+    stub.mkdir()  # prepare.py imports requests at the top; this stand-in fails loudly if it is ever used
+    (stub / "requests.py").write_text("def get(*a, **k):\n    raise RuntimeError('bench_core: no downloads')\n")
+    env = {**os.environ, "PYTHONPATH": str(stub)}
+    timed_run([sys.executable, "prepare.py"], data, work / "nanogpt_prepare.log", env)
+    return cwd
+
+
+def run_nanogpt(nanogpt: Path, text: Path, work: Path, steps: int, eval_interval: int) -> dict[str, Any]:
+    cwd = nanogpt_workdir(nanogpt, text, work)
+    out_dir = work / "nanogpt_out"
+    cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+           "--eval_iters=20", "--log_interval=1", f"--block_size={MODEL_ARGS['block_size']}",
+           f"--batch_size={MODEL_ARGS['batch_size']}", f"--n_layer={MODEL_ARGS['n_layer']}",
+           f"--n_head={MODEL_ARGS['n_head']}", f"--n_embd={MODEL_ARGS['n_embd']}", f"--max_iters={steps}",
+           f"--lr_decay_iters={steps}", "--dropout=0.0", f"--eval_interval={eval_interval}", f"--out_dir={out_dir}"]
+    load = load_1m()
+    proc = timed_run(cmd, cwd, work / "nanogpt_train.log")
+    log = (work / "nanogpt_train.log").read_text()
+    iters = {int(i): float(ms) for i, ms in re.findall(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms", log, re.M)}
+    vals = [(int(s), float(v)) for s, v in re.findall(r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)", log, re.M)]
+    # an iteration that starts with an evaluation includes it in its time: leave those (and iter 0) out
+    train_ms = [ms for i, ms in sorted(iters.items()) if i % eval_interval != 0]
+    ms = statistics.fmean(train_ms)
+    tokens_per_step = MODEL_ARGS["batch_size"] * MODEL_ARGS["block_size"]
+    ckpt = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True)  # best val checkpoint
+    spec = importlib.util.spec_from_file_location("nanogpt_model", nanogpt / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.GPT(module.GPTConfig(**ckpt["model_args"])).eval()
+    model.load_state_dict(ckpt["model"])
+    val = np.fromfile(cwd / "data" / "shakespeare_char" / "val.bin", dtype=np.uint16)
+    full = full_val_loss(lambda x, y: model(x, y)[1], val, MODEL_ARGS["block_size"])
+    return emit({"bench": "train", "impl": "nanogpt", "steps": len(iters), "ms_per_step": round(ms, 2),
+                 "ms_per_step_median10": round(statistics.median(windows(train_ms)), 2),
+                 "tokens_per_s": round(tokens_per_step / ms * 1000), "final_val_loss": vals[-1][1],
+                 "best_val_loss": min(v for _, v in vals), "full_val_loss_best_ckpt": round(full, 4),
+                 "best_ckpt_step": ckpt["iter_num"], **proc, "load_1m_before": load})
+
+
+# ---- pocketlm -----------------------------------------------------------------------------------------
+
+def run_pocketlm(text: Path, work: Path, steps: int, eval_interval: int) -> dict[str, Any]:
+    from pocketlm.checkpoint import load_model
+    from pocketlm.data.prepare import Dataset
+
+    raw = text.read_text(encoding="utf-8")
+    cut = int(len(raw) * 0.9)  # nanoGPT's split: first 90% of characters train, the rest val
+    (work / "train.txt").write_text(raw[:cut], encoding="utf-8")
+    (work / "val.txt").write_text(raw[cut:], encoding="utf-8")
+    data, run = work / "pocketlm_data", work / "pocketlm_run"
+    cli = [sys.executable, "-m", "pocketlm"]
+    timed_run([*cli, "prepare", "train.txt", "--val", "val.txt", "--out", str(data), "--tokenizer", "char",
+               "--separator", "file", "--quiet"], work, work / "pocketlm_prepare.log")
+    cmd = [*cli, "train", str(data), "--out", str(run), "--model.n_layer", str(MODEL_ARGS["n_layer"]),
+           "--model.n_head", str(MODEL_ARGS["n_head"]), "--model.n_embd", str(MODEL_ARGS["n_embd"]),
+           "--block-size", str(MODEL_ARGS["block_size"]), "--batch-size", str(MODEL_ARGS["batch_size"]),
+           "--max-steps", str(steps), "--lr", "1e-3", "--train.min_lr", "1e-4", "--train.warmup_steps", "100",
+           "--model.dropout", "0", "--train.eval_interval", str(eval_interval), "--train.eval_steps", "20",
+           "--no-sample"]
+    load = load_1m()
+    proc = timed_run(cmd, work, work / "pocketlm_train.log")
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    logs = [r for r in records if "elapsed_s" in r]
+    vals = [r for r in records if "val/loss" in r]
+    last = logs[-1]
+    window_ms = [(b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"]) * 1000
+                 for a, b in zip([{"step": 0, "elapsed_s": 0.0}] + logs, logs)]
+    model, _ = load_model(run / "best", "cpu")
+    model.eval()
+    best_step = json.loads((run / "best" / "trainer_state.json").read_text())["step"]
+    full = full_val_loss(lambda x, y: model(x, y)[1], Dataset(data).split("val"), MODEL_ARGS["block_size"])
+    return emit({"bench": "train", "impl": "pocketlm", "steps": last["step"],
+                 "ms_per_step": round(last["elapsed_s"] / last["step"] * 1000, 2),
+                 "ms_per_step_median10": round(statistics.median(window_ms), 2),
+                 "tokens_per_s": round(last["tokens"] / last["elapsed_s"]),
+                 "final_val_loss": round(vals[-1]["val/loss"], 4),
+                 "best_val_loss": round(vals[-1]["val/best_loss"], 4), "full_val_loss_best_ckpt": round(full, 4),
+                 "best_ckpt_step": best_step, **proc, "load_1m_before": load, "run_dir": str(run)})
+
+
+# ---- generation ---------------------------------------------------------------------------------------
+
+def median_tps(fn: Callable[[], list[int]], n_tokens: int, repeats: int) -> tuple[float, list[int]]:
+    fn()  # warm-up
+    times, out = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+        assert len(out) == n_tokens, f"expected {n_tokens} new tokens, got {len(out)}"
+    return n_tokens / statistics.median(times), out
+
+
+def bench_generation(run: Path, repeats: int) -> list[dict[str, Any]]:
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from pocketlm.generate import Engine, SamplingParams
+
+    transformers.logging.set_verbosity_error()  # sampling fields in generation_config.json warn under greedy
+    engine = Engine.load(run, "cpu")
+    ids = engine.encode_prompt(PROMPT)
+    short = engine.block_size - len(ids)  # HF GPT-2 cannot go past n_positions
+    hf = AutoModelForCausalLM.from_pretrained(run / "best").eval()
+    x = torch.tensor([ids])
+
+    def ours(n: int) -> Callable[[], list[int]]:
+        p = SamplingParams(temperature=0, max_new_tokens=n, stop_at_eot=False)
+        return lambda: engine.generate(ids, p)[0].token_ids
+
+    def theirs() -> list[int]:
+        with torch.inference_mode():
+            out = hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=short,
+                              min_new_tokens=short, pad_token_id=engine.tok.eot_id)
+        return out[0, len(ids):].tolist()
+
+    load = load_1m()
+    hf_tps, hf_out = median_tps(theirs, short, repeats)
+    our_tps, our_out = median_tps(ours(short), short, repeats)
+    long_tps, _ = median_tps(ours(500), 500, repeats)
+    common = {"bench": "generate", "batch": 1, "greedy": True, "prompt_tokens": len(ids), "repeats": repeats,
+              "threads": torch.get_num_threads(), "load_1m_before": load}
+    return [
+        emit({**common, "impl": "hf_generate", "new_tokens": short, "tokens_per_s": round(hf_tps, 1)}),
+        emit({**common, "impl": "pocketlm", "new_tokens": short, "tokens_per_s": round(our_tps, 1),
+              "same_tokens_as_hf": our_out == hf_out}),
+        emit({**common, "impl": "pocketlm", "new_tokens": 500, "tokens_per_s": round(long_tps, 1)}),
+        emit({"bench": "generate", "ratio_tokens_per_s": round(our_tps / hf_tps, 2),
+              "note": f"pocketlm / HF generate, {short} new tokens"}),
+    ]
+
+
+# ---- main ---------------------------------------------------------------------------------------------
+
+def find_nanogpt(path: Path) -> Path:
+    if not (path / "train.py").is_file() or not (path / "data" / "shakespeare_char" / "prepare.py").is_file():
+        sys.exit(f"bench_core: no nanoGPT checkout at {path}: get one with\n"
+                 f"  git clone https://github.com/karpathy/nanoGPT {path}\n"
+                 "or pass --nanogpt PATH to an existing checkout")
+    return path.resolve()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nanogpt", type=Path, default=REPO.parent / "nanoGPT",
+                    help="nanoGPT checkout (default: %(default)s)")
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "tinyshakespeare.txt",
+                    help="tinyshakespeare input.txt (default: %(default)s)")
+    ap.add_argument("--steps", type=int, default=2000, help="training steps for both (default: %(default)s)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 200 steps, 3 generation repeats")
+    ap.add_argument("--repeats", type=int, default=7, help="timed generation runs per figure, median (default: 7)")
+    ap.add_argument("--keep", type=Path, help="keep the work files (data, logs, runs) in this folder")
+    args = ap.parse_args(argv)
+    nanogpt = find_nanogpt(args.nanogpt)
+    if not args.data.is_file():
+        sys.exit(f"bench_core: {args.data} not found: pass --data PATH to tinyshakespeare's input.txt")
+    steps, repeats = (200, 3) if args.quick else (args.steps, args.repeats)
+    eval_interval = min(250, steps // 2)  # nanoGPT's config value; a quick run still evaluates twice
+
+    work = Path(tempfile.mkdtemp(prefix="bench_core-"))
+    try:
+        emit({"bench": "machine", "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "cpus": os.cpu_count(), "steps": steps, "load_1m": load_1m()})
+        ng = run_nanogpt(nanogpt, args.data.resolve(), work, steps, eval_interval)
+        pl = run_pocketlm(args.data.resolve(), work, steps, eval_interval)
+        emit({"bench": "train", "ratio_wall": round(pl["wall_s"] / ng["wall_s"], 3),
+              "ratio_ms_per_step": round(pl["ms_per_step"] / ng["ms_per_step"], 3),
+              "ratio_ms_per_step_median10": round(pl["ms_per_step_median10"] / ng["ms_per_step_median10"], 3),
+              "ratio_cpu_s": round(pl["cpu_s"] / ng["cpu_s"], 3),
+              "ratio_tokens_per_s": round(pl["tokens_per_s"] / ng["tokens_per_s"], 3),
+              "ratio_peak_rss": round(pl["peak_rss_mb"] / ng["peak_rss_mb"], 3),
+              "delta_final_val_loss": round(pl["final_val_loss"] - ng["final_val_loss"], 4),
+              "delta_full_val_loss": round(pl["full_val_loss_best_ckpt"] - ng["full_val_loss_best_ckpt"], 4)})
+        bench_generation(Path(pl["run_dir"]), repeats)
+    finally:
+        if args.keep:
+            shutil.copytree(work, args.keep, dirs_exist_ok=True, symlinks=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

