@@ -86,6 +86,13 @@ def windows(ms: list[float], size: int = 10) -> list[float]:
     return [statistics.fmean(ms[i:i + size]) for i in range(0, len(ms) - size + 1, size)]
 
 
+def step_figures(mean_ms: float, window_ms: list[float]) -> dict[str, float]:
+    """Mean ms/step, and the median and 10th percentile of 10-step windows (robust to bursts of load)."""
+    return {"ms_per_step": round(mean_ms, 2), "ms_per_step_median10": round(statistics.median(window_ms), 2),
+            "ms_per_step_p10": round(float(np.percentile(window_ms, 10)), 2),
+            "tokens_per_s": round(MODEL_ARGS["batch_size"] * MODEL_ARGS["block_size"] / mean_ms * 1000)}
+
+
 def full_val_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tokens: np.ndarray,
                   block: int, batch: int = 128) -> float:
     """Mean next-token loss over every non-overlapping block of the split (the whole val set, not a sample)."""
@@ -133,19 +140,15 @@ def run_nanogpt(nanogpt: Path, text: Path, work: Path, steps: int, eval_interval
     vals = [(int(s), float(v)) for s, v in re.findall(r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)", log, re.M)]
     # an iteration that starts with an evaluation includes it in its time: leave those (and iter 0) out
     train_ms = [ms for i, ms in sorted(iters.items()) if i % eval_interval != 0]
-    ms = statistics.fmean(train_ms)
-    tokens_per_step = MODEL_ARGS["batch_size"] * MODEL_ARGS["block_size"]
     ckpt = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True)  # best val checkpoint
     spec = importlib.util.spec_from_file_location("nanogpt_model", nanogpt / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    spec.loader.exec_module(module := importlib.util.module_from_spec(spec))
     model = module.GPT(module.GPTConfig(**ckpt["model_args"])).eval()
     model.load_state_dict(ckpt["model"])
     val = np.fromfile(cwd / "data" / "shakespeare_char" / "val.bin", dtype=np.uint16)
     full = full_val_loss(lambda x, y: model(x, y)[1], val, MODEL_ARGS["block_size"])
-    return emit({"bench": "train", "impl": "nanogpt", "steps": len(iters), "ms_per_step": round(ms, 2),
-                 "ms_per_step_median10": round(statistics.median(windows(train_ms)), 2),
-                 "tokens_per_s": round(tokens_per_step / ms * 1000), "final_val_loss": vals[-1][1],
+    return emit({"bench": "train", "impl": "nanogpt", "steps": len(iters),
+                 **step_figures(statistics.fmean(train_ms), windows(train_ms)), "final_val_loss": vals[-1][1],
                  "best_val_loss": min(v for _, v in vals), "full_val_loss_best_ckpt": round(full, 4),
                  "best_ckpt_step": ckpt["iter_num"], **proc, "load_1m_before": load})
 
@@ -183,25 +186,27 @@ def run_pocketlm(text: Path, work: Path, steps: int, eval_interval: int) -> dict
     best_step = json.loads((run / "best" / "trainer_state.json").read_text())["step"]
     full = full_val_loss(lambda x, y: model(x, y)[1], Dataset(data).split("val"), MODEL_ARGS["block_size"])
     return emit({"bench": "train", "impl": "pocketlm", "steps": last["step"],
-                 "ms_per_step": round(last["elapsed_s"] / last["step"] * 1000, 2),
-                 "ms_per_step_median10": round(statistics.median(window_ms), 2),
-                 "tokens_per_s": round(last["tokens"] / last["elapsed_s"]),
+                 **step_figures(last["elapsed_s"] / last["step"] * 1000, window_ms),
                  "final_val_loss": round(vals[-1]["val/loss"], 4),
                  "best_val_loss": round(vals[-1]["val/best_loss"], 4), "full_val_loss_best_ckpt": round(full, 4),
-                 "best_ckpt_step": best_step, **proc, "load_1m_before": load, "run_dir": str(run)})
+                 "best_ckpt_step": best_step, **proc, "load_1m_before": load})
 
 
 # ---- generation ---------------------------------------------------------------------------------------
 
-def median_tps(fn: Callable[[], list[int]], n_tokens: int, repeats: int) -> tuple[float, list[int]]:
-    fn()  # warm-up
-    times, out = [], []
+def race(fns: dict[str, tuple[Callable[[], list[int]], int]], repeats: int) -> dict[str, tuple[float, list[int]]]:
+    """Median tokens/s of each fn (name -> (fn, new tokens)), interleaved so that load hits all alike."""
+    for fn, _ in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    outs: dict[str, list[int]] = {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-        assert len(out) == n_tokens, f"expected {n_tokens} new tokens, got {len(out)}"
-    return n_tokens / statistics.median(times), out
+        for name, (fn, n) in fns.items():
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+            assert len(outs[name]) == n, f"{name}: expected {n} new tokens, got {len(outs[name])}"
+    return {name: (fns[name][1] / statistics.median(times[name]), outs[name]) for name in fns}
 
 
 def bench_generation(run: Path, repeats: int) -> list[dict[str, Any]]:
@@ -228,9 +233,8 @@ def bench_generation(run: Path, repeats: int) -> list[dict[str, Any]]:
         return out[0, len(ids):].tolist()
 
     load = load_1m()
-    hf_tps, hf_out = median_tps(theirs, short, repeats)
-    our_tps, our_out = median_tps(ours(short), short, repeats)
-    long_tps, _ = median_tps(ours(500), 500, repeats)
+    res = race({"hf": (theirs, short), "ours": (ours(short), short), "ours_500": (ours(500), 500)}, repeats)
+    (hf_tps, hf_out), (our_tps, our_out), (long_tps, _) = res["hf"], res["ours"], res["ours_500"]
     common = {"bench": "generate", "batch": 1, "greedy": True, "prompt_tokens": len(ids), "repeats": repeats,
               "threads": torch.get_num_threads(), "load_1m_before": load}
     return [
@@ -276,15 +280,12 @@ def main(argv: list[str] | None = None) -> int:
               "cpus": os.cpu_count(), "steps": steps, "load_1m": load_1m()})
         ng = run_nanogpt(nanogpt, args.data.resolve(), work, steps, eval_interval)
         pl = run_pocketlm(args.data.resolve(), work, steps, eval_interval)
-        emit({"bench": "train", "ratio_wall": round(pl["wall_s"] / ng["wall_s"], 3),
-              "ratio_ms_per_step": round(pl["ms_per_step"] / ng["ms_per_step"], 3),
-              "ratio_ms_per_step_median10": round(pl["ms_per_step_median10"] / ng["ms_per_step_median10"], 3),
-              "ratio_cpu_s": round(pl["cpu_s"] / ng["cpu_s"], 3),
-              "ratio_tokens_per_s": round(pl["tokens_per_s"] / ng["tokens_per_s"], 3),
-              "ratio_peak_rss": round(pl["peak_rss_mb"] / ng["peak_rss_mb"], 3),
+        keys = ("wall_s", "cpu_s", "ms_per_step", "ms_per_step_median10", "ms_per_step_p10", "tokens_per_s",
+                "peak_rss_mb")  # pocketlm / nanoGPT
+        emit({"bench": "train", **{f"ratio_{k}": round(pl[k] / ng[k], 3) for k in keys},
               "delta_final_val_loss": round(pl["final_val_loss"] - ng["final_val_loss"], 4),
               "delta_full_val_loss": round(pl["full_val_loss_best_ckpt"] - ng["full_val_loss_best_ckpt"], 4)})
-        bench_generation(Path(pl["run_dir"]), repeats)
+        bench_generation(work / "pocketlm_run", repeats)
     finally:
         if args.keep:
             shutil.copytree(work, args.keep, dirs_exist_ok=True, symlinks=True)

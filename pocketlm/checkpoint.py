@@ -131,6 +131,7 @@ def save_model(model: GPT, folder: Path, tokenizer_dir: Path | None, eot_id: int
     (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     if tokenizer_dir is not None:
         toklib.copy_files(tokenizer_dir, folder)
+        toklib.set_max_length(folder, model.config.block_size)
 
 
 def read_config(folder: Path) -> GPTConfig:

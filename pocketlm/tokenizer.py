@@ -89,10 +89,21 @@ def save(tk: Tokenizer, folder: Path, eot_token: str, model_max_length: int | No
         tokenizer_object=tk, model_input_names=["input_ids", "attention_mask"], clean_up_tokenization_spaces=False,
         **specials,
     )
-    if model_max_length:
-        fast.model_max_length = model_max_length
     folder.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(folder))
+    set_max_length(folder, model_max_length)
+
+
+def set_max_length(folder: Path, model_max_length: int | None) -> None:
+    """Record the context length, and name the class every transformers version (and transformers.js) knows."""
+    file = folder / "tokenizer_config.json"
+    cfg = json.loads(file.read_text(encoding="utf-8"))
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if model_max_length:
+        cfg["model_max_length"] = model_max_length
+    else:
+        cfg.pop("model_max_length", None)
+    file.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
 
 
 def copy_files(src: Path, dst: Path) -> None:
