@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from pocketlm.errors import PocketLMError
@@ -20,6 +21,7 @@ from pocketlm.errors import PocketLMError
 UNK = "<|unk|>"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 KINDS = ("char", "bpe")
+CHAR_PATTERN = r"[\s\S]"  # one token per character, newlines included
 
 
 class Tok:
@@ -29,6 +31,8 @@ class Tok:
         self.tk = tk
         self.eot_token = eot_token
         self.eot_id = tk.token_to_id(eot_token) if eot_token else None
+        self.specials = [t.content for t in tk.get_added_tokens_decoder().values()]
+        self.lut = _char_lut(tk)
 
     @property
     def vocab_size(self) -> int:
@@ -37,12 +41,36 @@ class Tok:
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_batch(self, texts: list[str]) -> list[list[int]] | list[np.ndarray]:
+        if self.lut is not None and not any(sp in t for t in texts for sp in self.specials):
+            return [self._encode_chars(t) for t in texts]
         # parallel in Rust (TOKENIZERS_PARALLELISM); the GIL is released for the whole batch
         return [e.ids for e in self.tk.encode_batch(texts, add_special_tokens=False)]
 
+    def _encode_chars(self, text: str) -> np.ndarray:
+        """Char-level fast path: code points through a lookup table (~50x the library's regex split)."""
+        cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        lut, unk = self.lut
+        inside = cps < len(lut)
+        return np.where(inside, lut[np.minimum(cps, len(lut) - 1)], unk)
+
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _char_lut(tk: Tokenizer) -> tuple[np.ndarray, int] | None:
+    """A code point -> id table when `tk` is one of our char-level tokenizers, else None."""
+    model = json.loads(tk.to_str())
+    pre = model.get("pre_tokenizer") or {}
+    if model["model"]["type"] != "WordLevel" or model.get("normalizer") or pre.get("type") != "Split" \
+            or pre.get("pattern", {}).get("Regex") != CHAR_PATTERN:
+        return None
+    vocab = {k: v for k, v in model["model"]["vocab"].items() if len(k) == 1}
+    unk = model["model"]["vocab"][model["model"]["unk_token"]]
+    lut = np.full(max(ord(c) for c in vocab) + 1, unk, dtype=np.int64)
+    for c, i in vocab.items():
+        lut[ord(c)] = i
+    return lut, unk
 
 
 def train_char(texts: Iterable[str], eot_token: str) -> Tokenizer:
@@ -55,7 +83,7 @@ def train_char(texts: Iterable[str], eot_token: str) -> Tokenizer:
     vocab[UNK] = len(vocab)
     tk = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     # every character is its own token; [\s\S] matches newlines too
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(CHAR_PATTERN), behavior="isolated")
     tk.decoder = decoders.Fuse()
     tk.add_special_tokens([eot_token])
     return tk

@@ -63,3 +63,18 @@ def test_bpe_vocab_below_alphabet_is_refused() -> None:
 def test_load_reports_missing_tokenizer(tmp_path: Path) -> None:
     with pytest.raises(PocketLMError, match="no tokenizer.json"):
         toklib.load(tmp_path)
+
+
+@settings(max_examples=200)
+@given(st.lists(st.text(alphabet=sorted(set(SAMPLE)) + ["Z", "é", "\U0001F600"]), max_size=4))
+def test_char_fast_path_equals_the_library(char: toklib.Tok, texts: list[str]) -> None:
+    assert char.lut is not None
+    fast = [list(map(int, ids)) for ids in char.encode_batch(texts)]
+    assert fast == [e.ids for e in char.tk.encode_batch(texts, add_special_tokens=False)]
+
+
+def test_char_fast_path_steps_aside_for_special_tokens(char: toklib.Tok, bpe: toklib.Tok) -> None:
+    text = "ROMEO:<|endoftext|>"
+    assert list(map(int, char.encode_batch([text])[0])) == char.encode(text)
+    assert char.encode(text)[-1] == char.eot_id
+    assert bpe.lut is None

@@ -182,8 +182,9 @@ def _encode_batch(batch: list[tuple[int, str]], split: np.ndarray, tok: toklib.T
         return
     ids = tok.encode_batch([doc for _, doc in batch])
     for (i, _), doc_ids in zip(batch, ids):
-        doc_ids.append(tok.eot_id)  # every document ends with end-of-text, so samples learn where texts stop
-        writers[SPLITS[split[i]]].write(doc_ids, docs=1)
+        w = writers[SPLITS[split[i]]]
+        w.write(doc_ids, docs=1)
+        w.write([tok.eot_id])  # every document ends with end-of-text, so samples learn where texts stop
 
 
 class Dataset:
