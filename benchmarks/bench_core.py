@@ -42,10 +42,6 @@ def emit(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def load_1m() -> float:
-    return round(os.getloadavg()[0], 2)
-
-
 def busy_ticks() -> tuple[int, int]:
     """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat (zeros where absent)."""
     try:
@@ -53,6 +49,17 @@ def busy_ticks() -> tuple[int, int]:
     except OSError:
         return 0, 0
     return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # idle and iowait are not busy
+
+
+def wait_for_quiet(max_wait_s: float, threshold_pct: float = 20.0, sample_s: float = 5.0) -> float:
+    """Busy % of all cores, sampled until under threshold or max_wait_s passed: on a shared 2-core machine a
+    neighbour's job makes torch's 2 threads wait on each other and steps get 10-50x slower."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        (b0, t0), _, (b1, t1) = busy_ticks(), time.sleep(sample_s), busy_ticks()
+        pct = 100 * (b1 - b0) / max(1, t1 - t0)
+        if pct < threshold_pct or time.monotonic() >= deadline:
+            return round(pct, 1)
 
 
 def timed_run(cmd: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None) -> dict[str, float]:
@@ -69,14 +76,12 @@ def timed_run(cmd: list[str], cwd: Path, log: Path, env: dict[str, str] | None =
     if rc != 0:
         sys.exit(f"bench_core: `{' '.join(cmd)}` failed ({rc}); last lines of {log}:\n"
                  + "\n".join(log.read_text().splitlines()[-15:]))
-    if time_bin:
-        kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", rss_file.read_text()).group(1))
-    else:  # max over every child so far: exact only for the largest one
-        kb = r1.ru_maxrss
+    # without /usr/bin/time: the max over every child so far, exact only for the largest one
+    kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", rss_file.read_text()).group(1)) \
+        if time_bin else r1.ru_maxrss
     cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
-    hz = os.sysconf("SC_CLK_TCK")
-    # CPU time the rest of the machine used meanwhile, as a share of all cores: the contention we ran under
-    others = max(0.0, (b1 - b0) / hz - cpu) / max(1e-9, (t1_ticks - t0_ticks) / hz) * 100 if t1_ticks else -1.0
+    # CPU time the rest of the machine used meanwhile, as % of all cores: the contention we ran under
+    others = max(0, b1 - b0 - cpu * os.sysconf("SC_CLK_TCK")) / max(1, t1_ticks - t0_ticks) * 100
     return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mb": round(kb / 1024),
             "others_cpu_pct": round(others, 1)}
 
@@ -99,11 +104,9 @@ def full_val_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     n = (len(tokens) - 1) // block
     x = torch.from_numpy(np.asarray(tokens[:n * block], dtype=np.int64).reshape(n, block))
     y = torch.from_numpy(np.asarray(tokens[1:n * block + 1], dtype=np.int64).reshape(n, block))
-    total = 0.0
     with torch.inference_mode():
-        for i in range(0, n, batch):
-            total += loss_fn(x[i:i + batch], y[i:i + batch]).item() * len(x[i:i + batch])
-    return total / n
+        return sum(loss_fn(x[i:i + batch], y[i:i + batch]).item() * len(x[i:i + batch])
+                   for i in range(0, n, batch)) / n
 
 
 # ---- nanoGPT ------------------------------------------------------------------------------------------
@@ -125,19 +128,19 @@ def nanogpt_workdir(nanogpt: Path, text: Path, work: Path) -> Path:
     return cwd
 
 
-def run_nanogpt(nanogpt: Path, text: Path, work: Path, steps: int, eval_interval: int) -> dict[str, Any]:
+def run_nanogpt(nanogpt: Path, text: Path, work: Path, steps: int, eval_interval: int,
+                quiet_s: float) -> dict[str, Any]:
     cwd = nanogpt_workdir(nanogpt, text, work)
     out_dir = work / "nanogpt_out"
     cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
-           "--eval_iters=20", "--log_interval=1", f"--block_size={MODEL_ARGS['block_size']}",
-           f"--batch_size={MODEL_ARGS['batch_size']}", f"--n_layer={MODEL_ARGS['n_layer']}",
-           f"--n_head={MODEL_ARGS['n_head']}", f"--n_embd={MODEL_ARGS['n_embd']}", f"--max_iters={steps}",
-           f"--lr_decay_iters={steps}", "--dropout=0.0", f"--eval_interval={eval_interval}", f"--out_dir={out_dir}"]
-    load = load_1m()
+           "--eval_iters=20", "--log_interval=1", *(f"--{k}={v}" for k, v in MODEL_ARGS.items()),
+           f"--max_iters={steps}", f"--lr_decay_iters={steps}", "--dropout=0.0", f"--eval_interval={eval_interval}",
+           f"--out_dir={out_dir}"]
+    busy = wait_for_quiet(quiet_s)
     proc = timed_run(cmd, cwd, work / "nanogpt_train.log")
     log = (work / "nanogpt_train.log").read_text()
     iters = {int(i): float(ms) for i, ms in re.findall(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms", log, re.M)}
-    vals = [(int(s), float(v)) for s, v in re.findall(r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)", log, re.M)]
+    vals = [float(v) for v in re.findall(r"^step \d+: train loss [\d.]+, val loss ([\d.]+)", log, re.M)]
     # an iteration that starts with an evaluation includes it in its time: leave those (and iter 0) out
     train_ms = [ms for i, ms in sorted(iters.items()) if i % eval_interval != 0]
     ckpt = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True)  # best val checkpoint
@@ -148,14 +151,14 @@ def run_nanogpt(nanogpt: Path, text: Path, work: Path, steps: int, eval_interval
     val = np.fromfile(cwd / "data" / "shakespeare_char" / "val.bin", dtype=np.uint16)
     full = full_val_loss(lambda x, y: model(x, y)[1], val, MODEL_ARGS["block_size"])
     return emit({"bench": "train", "impl": "nanogpt", "steps": len(iters),
-                 **step_figures(statistics.fmean(train_ms), windows(train_ms)), "final_val_loss": vals[-1][1],
-                 "best_val_loss": min(v for _, v in vals), "full_val_loss_best_ckpt": round(full, 4),
-                 "best_ckpt_step": ckpt["iter_num"], **proc, "load_1m_before": load})
+                 **step_figures(statistics.fmean(train_ms), windows(train_ms)), "final_val_loss": vals[-1],
+                 "best_val_loss": min(vals), "full_val_loss_best_ckpt": round(full, 4),
+                 "best_ckpt_step": ckpt["iter_num"], **proc, "busy_pct_before": busy})
 
 
 # ---- pocketlm -----------------------------------------------------------------------------------------
 
-def run_pocketlm(text: Path, work: Path, steps: int, eval_interval: int) -> dict[str, Any]:
+def run_pocketlm(text: Path, work: Path, steps: int, eval_interval: int, quiet_s: float) -> dict[str, Any]:
     from pocketlm.checkpoint import load_model
     from pocketlm.data.prepare import Dataset
 
@@ -167,13 +170,12 @@ def run_pocketlm(text: Path, work: Path, steps: int, eval_interval: int) -> dict
     cli = [sys.executable, "-m", "pocketlm"]
     timed_run([*cli, "prepare", "train.txt", "--val", "val.txt", "--out", str(data), "--tokenizer", "char",
                "--separator", "file", "--quiet"], work, work / "pocketlm_prepare.log")
-    cmd = [*cli, "train", str(data), "--out", str(run), "--model.n_layer", str(MODEL_ARGS["n_layer"]),
-           "--model.n_head", str(MODEL_ARGS["n_head"]), "--model.n_embd", str(MODEL_ARGS["n_embd"]),
-           "--block-size", str(MODEL_ARGS["block_size"]), "--batch-size", str(MODEL_ARGS["batch_size"]),
-           "--max-steps", str(steps), "--lr", "1e-3", "--train.min_lr", "1e-4", "--train.warmup_steps", "100",
-           "--model.dropout", "0", "--train.eval_interval", str(eval_interval), "--train.eval_steps", "20",
-           "--no-sample"]
-    load = load_1m()
+    section = {"batch_size": "train"}  # the other shape keys are model.*
+    shape = [a for k, v in MODEL_ARGS.items() for a in (f"--{section.get(k, 'model')}.{k}", str(v))]
+    cmd = [*cli, "train", str(data), "--out", str(run), *shape, "--max-steps", str(steps), "--lr", "1e-3",
+           "--train.min_lr", "1e-4", "--train.warmup_steps", "100", "--model.dropout", "0",
+           "--train.eval_interval", str(eval_interval), "--train.eval_steps", "20", "--no-sample"]
+    busy = wait_for_quiet(quiet_s)
     proc = timed_run(cmd, work, work / "pocketlm_train.log")
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     logs = [r for r in records if "elapsed_s" in r]
@@ -189,7 +191,7 @@ def run_pocketlm(text: Path, work: Path, steps: int, eval_interval: int) -> dict
                  **step_figures(last["elapsed_s"] / last["step"] * 1000, window_ms),
                  "final_val_loss": round(vals[-1]["val/loss"], 4),
                  "best_val_loss": round(vals[-1]["val/best_loss"], 4), "full_val_loss_best_ckpt": round(full, 4),
-                 "best_ckpt_step": best_step, **proc, "load_1m_before": load})
+                 "best_ckpt_step": best_step, **proc, "busy_pct_before": busy})
 
 
 # ---- generation ---------------------------------------------------------------------------------------
@@ -209,7 +211,7 @@ def race(fns: dict[str, tuple[Callable[[], list[int]], int]], repeats: int) -> d
     return {name: (fns[name][1] / statistics.median(times[name]), outs[name]) for name in fns}
 
 
-def bench_generation(run: Path, repeats: int) -> list[dict[str, Any]]:
+def bench_generation(run: Path, repeats: int, quiet_s: float) -> list[dict[str, Any]]:
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -232,11 +234,11 @@ def bench_generation(run: Path, repeats: int) -> list[dict[str, Any]]:
                               min_new_tokens=short, pad_token_id=engine.tok.eot_id)
         return out[0, len(ids):].tolist()
 
-    load = load_1m()
+    busy = wait_for_quiet(quiet_s)
     res = race({"hf": (theirs, short), "ours": (ours(short), short), "ours_500": (ours(500), 500)}, repeats)
     (hf_tps, hf_out), (our_tps, our_out), (long_tps, _) = res["hf"], res["ours"], res["ours_500"]
     common = {"bench": "generate", "batch": 1, "greedy": True, "prompt_tokens": len(ids), "repeats": repeats,
-              "threads": torch.get_num_threads(), "load_1m_before": load}
+              "threads": torch.get_num_threads(), "busy_pct_before": busy}
     return [
         emit({**common, "impl": "hf_generate", "new_tokens": short, "tokens_per_s": round(hf_tps, 1)}),
         emit({**common, "impl": "pocketlm", "new_tokens": short, "tokens_per_s": round(our_tps, 1),
@@ -246,8 +248,6 @@ def bench_generation(run: Path, repeats: int) -> list[dict[str, Any]]:
               "note": f"pocketlm / HF generate, {short} new tokens"}),
     ]
 
-
-# ---- main ---------------------------------------------------------------------------------------------
 
 def find_nanogpt(path: Path) -> Path:
     if not (path / "train.py").is_file() or not (path / "data" / "shakespeare_char" / "prepare.py").is_file():
@@ -266,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=2000, help="training steps for both (default: %(default)s)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 200 steps, 3 generation repeats")
     ap.add_argument("--repeats", type=int, default=7, help="timed generation runs per figure, median (default: 7)")
+    ap.add_argument("--wait-quiet", type=float, default=0, metavar="S",
+                    help="before each part, wait up to S seconds for the machine to be under 20%% busy")
     ap.add_argument("--keep", type=Path, help="keep the work files (data, logs, runs) in this folder")
     args = ap.parse_args(argv)
     nanogpt = find_nanogpt(args.nanogpt)
@@ -277,15 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench_core-"))
     try:
         emit({"bench": "machine", "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "cpus": os.cpu_count(), "steps": steps, "load_1m": load_1m()})
-        ng = run_nanogpt(nanogpt, args.data.resolve(), work, steps, eval_interval)
-        pl = run_pocketlm(args.data.resolve(), work, steps, eval_interval)
+              "cpus": os.cpu_count(), "steps": steps, "load_1m": round(os.getloadavg()[0], 2)})
+        ng = run_nanogpt(nanogpt, args.data.resolve(), work, steps, eval_interval, args.wait_quiet)
+        pl = run_pocketlm(args.data.resolve(), work, steps, eval_interval, args.wait_quiet)
         keys = ("wall_s", "cpu_s", "ms_per_step", "ms_per_step_median10", "ms_per_step_p10", "tokens_per_s",
                 "peak_rss_mb")  # pocketlm / nanoGPT
         emit({"bench": "train", **{f"ratio_{k}": round(pl[k] / ng[k], 3) for k in keys},
               "delta_final_val_loss": round(pl["final_val_loss"] - ng["final_val_loss"], 4),
               "delta_full_val_loss": round(pl["full_val_loss_best_ckpt"] - ng["full_val_loss_best_ckpt"], 4)})
-        bench_generation(work / "pocketlm_run", repeats)
+        bench_generation(work / "pocketlm_run", repeats, args.wait_quiet)
     finally:
         if args.keep:
             shutil.copytree(work, args.keep, dirs_exist_ok=True, symlinks=True)

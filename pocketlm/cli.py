@@ -107,6 +107,8 @@ def build_parser() -> Parser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
     t.add_argument("--no-sample", action="store_true", help="skip the sample printed at the end")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine, launched through torchrun (default: 1)")
     add_config_flags(t, ["model", "train", "data", "sample"], extra_aliases={"train.out": ["--out"]})
 
     g = subs.add_parser("generate", help="sample text from a run or checkpoint folder", formatter_class=fmt)
@@ -148,13 +150,36 @@ def _train_config(args: argparse.Namespace) -> configlib.Config:
     return configlib.load(preset, overrides=data, cli_overrides=overrides)
 
 
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """Re-run this command under PyTorch's own launcher, one process per device."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:  # drop --nproc N / --nproc=N
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "pocketlm", *rest]
+    return subprocess.run(cmd).returncode
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
     from pocketlm.train import train
 
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return launch_torchrun(args.nproc, args.argv)
     cfg = _train_config(args)
     if not cfg.data.path:
         raise PocketLMError("no dataset given: pocketlm train DATA_DIR --out RUN_DIR")
     state = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0
     print(f"trained {state.step} steps; best val loss {state.best_val:.4f}; run folder {cfg.train.out}")
     if not args.no_sample:
         _print_samples(cfg.train.out, cfg.sample, num_samples=1)
@@ -218,7 +243,9 @@ COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = _parse(parser, sys.argv[1:] if argv is None else argv)
+        argv = sys.argv[1:] if argv is None else argv
+        args = _parse(parser, argv)
+        args.argv = argv
         if not args.command:
             parser.print_help()
             return 2

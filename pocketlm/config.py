@@ -59,8 +59,8 @@ class TrainConfig:
     """The optimisation and the run's bookkeeping."""
 
     out: str = _f("", "run folder: config.yaml, metrics.jsonl, checkpoints best/ and last/")
-    batch_size: int = _f(12, "sequences per micro-batch (per process)")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    batch_size: int = _f(12, "sequences per micro-batch, per process")
+    grad_accum: int = _f(1, "micro-batches per step, split across processes (global batch = batch_size x this)")
     lr: float = _f(1e-3, "peak learning rate")
     min_lr: float = _f(1e-4, "learning rate at the end of the cosine decay")
     warmup_steps: int = _f(100, "linear warmup steps")

@@ -161,6 +161,11 @@ class Trainer:
             raise PocketLMError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
                                 f"{self.dataset.vocab_size}; leave it at 0 to take the tokenizer's")
         self.task = task or LMTask(self.dataset, cfg.model.block_size)
+        # the config states the global batch (batch_size x grad_accum); processes share the accumulation
+        if t.grad_accum % self.rt.world_size:
+            raise PocketLMError(f"train.grad_accum ({t.grad_accum}) must be a multiple of the number of processes "
+                                f"({self.rt.world_size}) so the global batch stays batch_size x grad_accum")
+        self.accum = t.grad_accum // self.rt.world_size
         if self.rt.is_main:
             prepare_run_dir(self.out, resume, overwrite)
         self._barrier()
@@ -254,7 +259,8 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self) -> State:
         t, st, rt = self.cfg.train, self.state, self.rt
-        tokens_per_step = t.batch_size * t.grad_accum * rt.world_size * self.cfg.model.block_size
+        accum = self.accum
+        tokens_per_step = t.batch_size * t.grad_accum * self.cfg.model.block_size
         flops_per_token = self.model.flops_per_token()
         if self.verbose:
             print(f"pocketlm: {self.model.num_params() / 1e6:.2f}M parameters | {rt.reason}", file=sys.stderr)
@@ -271,12 +277,12 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 loss_sum = torch.zeros((), device=rt.device)
-                for micro in range(t.grad_accum):
-                    batch = self.task.batch("train", st.step, micro, t.batch_size, t.grad_accum, rt, t.seed,
+                for micro in range(accum):
+                    batch = self.task.batch("train", st.step, micro, t.batch_size, accum, rt, t.seed,
                                             rt.device)
-                    sync = micro == t.grad_accum - 1 or not rt.distributed
+                    sync = micro == accum - 1 or not rt.distributed
                     with (contextlib.nullcontext() if sync else self.fwd.no_sync()), rt.autocast():
-                        loss = self.task.loss(self.fwd, batch) / t.grad_accum
+                        loss = self.task.loss(self.fwd, batch) / accum
                     self.scaler.scale(loss).backward()
                     loss_sum += loss.detach()
                 self.scaler.unscale_(self.optimizer)
