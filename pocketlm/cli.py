@@ -180,6 +180,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     state = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", 0)) != 0:
         return 0
+    if state.interrupted:
+        return 130
     print(f"trained {state.step} steps; best val loss {state.best_val:.4f}; run folder {cfg.train.out}")
     if not args.no_sample:
         _print_samples(cfg.train.out, cfg.sample, num_samples=1)

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -45,6 +45,19 @@ def lr_at(step: int, cfg: configlib.TrainConfig) -> float:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+class Task(Protocol):
+    """What a kind of training supplies to the loop (LMTask is pretraining; SFT and preference tuning add theirs)."""
+
+    dataset: Dataset | None
+
+    def batch(self, split: str, step: int, micro: int, batch_size: int, grad_accum: int, rt: Runtime,
+              seed: int, device: torch.device) -> Any:
+        """The micro-batch of this rank: a pure function of its arguments, so resume is exact."""
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """Scalar loss of a batch (the loop scales it for accumulation)."""
 
 
 class LMTask:
@@ -97,6 +110,7 @@ class State:
     tokens: int = 0
     best_val: float = float("inf")
     elapsed: float = 0.0  # training seconds across resumes
+    interrupted: bool = False  # stopped early by Ctrl-C (last/ holds the state to resume from)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -145,7 +159,7 @@ def check_resume_compatible(saved: dict[str, Any], cfg: Config) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, task: LMTask | None = None, resume: bool = False, overwrite: bool = False,
+    def __init__(self, cfg: Config, task: Task | None = None, resume: bool = False, overwrite: bool = False,
                  callbacks: list[Any] | None = None, verbose: bool = True) -> None:
         self.cfg, self.resume, self.callbacks = cfg, resume, callbacks or []
         t = cfg.train
@@ -317,11 +331,13 @@ class Trainer:
             if self.log:
                 self.log.close()
         if self.stop_requested and st.step < t.max_steps:
+            st.interrupted = True
             self.save("last", with_optimizer=True)
             if self.verbose:
                 print(f"\ninterrupted at step {st.step}: saved {self.out / 'last'}; continue with --resume",
                       file=sys.stderr)
-        bar.close(f"done in {fmt_duration(st.elapsed)}")
+        if not st.interrupted:
+            bar.close(f"done in {fmt_duration(st.elapsed)}")
         teardown()
         return st
 
@@ -375,7 +391,7 @@ def _is_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False, task: LMTask | None = None,
+def train(cfg: Config, resume: bool = False, overwrite: bool = False, task: Task | None = None,
           callbacks: list[Any] | None = None, verbose: bool = True) -> State:
     """Train a model as `cfg` says; returns the final state (step, best val loss, metric history)."""
     trainer = Trainer(cfg, task, resume, overwrite, callbacks, verbose)
