@@ -95,17 +95,17 @@ def hf_config(cfg: GPTConfig, eot_id: int | None) -> dict[str, Any]:
     }
 
 
-def to_hf_state(model: GPT) -> dict[str, torch.Tensor]:
+def to_hf_state(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """pocketlm's state dict (full, unsharded) -> HF GPT2LMHeadModel tensors."""
     out = {}
-    for k, v in model.state_dict().items():
+    for k, v in state.items():
         if k == "lm_head.weight":
             continue  # tied to transformer.wte.weight; HF re-ties it on load
-        out[k] = (v.t() if k.endswith(TRANSPOSED) else v).detach().to("cpu", torch.float32).contiguous()
-    if not model.config.bias:  # HF GPT-2 always has biases: zeros make the same function
-        for name, mod in model.named_modules():
-            if isinstance(mod, (torch.nn.Linear, torch.nn.LayerNorm)) and name != "lm_head":
-                width = mod.weight.shape[0]
-                out[f"{name}.bias"] = torch.zeros(width)
+        v = v.detach().to("cpu", torch.float32)
+        out[k] = (v.t() if k.endswith(TRANSPOSED) else v).contiguous()
+        if not cfg.bias and k.endswith(".weight") and k.split(".")[1] not in ("wte", "wpe"):
+            # HF GPT-2 always has biases: zeros compute the same function; width = output features
+            out[k[: -len("weight")] + "bias"] = torch.zeros(v.shape[0])
     return out
 
 
@@ -122,11 +122,12 @@ def from_hf_state(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, t
 
 
 def save_model(model: GPT, folder: Path, tokenizer_dir: Path | None, eot_id: int | None,
-               generation: dict[str, Any] | None = None) -> None:
-    """Write the HF model files into an existing (temp) folder."""
+               generation: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the HF model files into a folder; `state` is the full state dict when the model is sharded."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(hf_config(model.config, eot_id), indent=2) + "\n")
-    save_file(to_hf_state(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tensors = to_hf_state(state if state is not None else model.state_dict(), model.config)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     gen = {"bos_token_id": eot_id, "eos_token_id": eot_id, "do_sample": True, **(generation or {})}
     (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     if tokenizer_dir is not None:
@@ -177,23 +178,24 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
 
 # ---- trainer state ------------------------------------------------------------------------------------
 
-def save_trainer_state(folder: Path, meta: dict[str, Any], optimizer: torch.optim.Optimizer | None,
+def save_trainer_state(folder: Path, meta: dict[str, Any], optimizer_state: dict[str, Any] | None,
                        rng: dict[str, torch.Tensor]) -> None:
+    """`optimizer_state` is keyed by parameter name (torch.distributed.checkpoint's full state dict), so it
+    loads into any world size and into DDP, FSDP or a single process alike."""
     tensors = {f"rng.{k}": v.cpu() for k, v in rng.items()}
     groups = None
-    if optimizer is not None:
-        sd = optimizer.state_dict()
-        groups = sd["param_groups"]
-        for pid, st in sd["state"].items():
-            for name, t in st.items():
-                tensors[f"opt.{pid}.{name}"] = torch.as_tensor(t).detach().cpu().contiguous()
+    if optimizer_state is not None:
+        groups = optimizer_state["param_groups"]
+        for name, st in optimizer_state["state"].items():
+            for key, t in st.items():
+                tensors[f"opt.{key}.{name}"] = torch.as_tensor(t).detach().cpu().contiguous()
     save_file(tensors, str(folder / "trainer_state.safetensors"))
     state = {"format_version": FORMAT_VERSION, **meta, "optimizer_param_groups": groups}
     (folder / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
 
 
 def load_trainer_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, torch.Tensor]]:
-    """(meta, optimizer state dict or None, RNG states)."""
+    """(meta, optimizer state keyed by parameter name or None, RNG states)."""
     jf, tf = folder / "trainer_state.json", folder / "trainer_state.safetensors"
     if not jf.is_file() or not tf.is_file():
         raise PocketLMError(f"{folder} has no trainer state to resume from; start a new run with --overwrite")
@@ -204,10 +206,10 @@ def load_trainer_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any] | N
     rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
     opt = None
     if meta.get("optimizer_param_groups") is not None:
-        state: dict[int, dict[str, torch.Tensor]] = {}
+        state: dict[str, dict[str, torch.Tensor]] = {}
         for k, v in tensors.items():
             if k.startswith("opt."):
-                _, pid, name = k.split(".", 2)
-                state.setdefault(int(pid), {})[name] = v
+                _, key, name = k.split(".", 2)
+                state.setdefault(name, {})[key] = v
         opt = {"state": state, "param_groups": meta["optimizer_param_groups"]}
     return meta, opt, rng

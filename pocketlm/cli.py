@@ -20,7 +20,7 @@ from pocketlm.errors import PocketLMError
 ALIASES = {
     "train.lr": ["--lr"], "train.max_steps": ["--max-steps"], "train.batch_size": ["--batch-size"],
     "train.grad_accum": ["--grad-accum"], "train.device": ["--device"], "train.compile": ["--compile"],
-    "train.eval_interval": ["--eval-interval"], "model.block_size": ["--block-size"],
+    "train.eval_interval": ["--eval-interval"], "train.strategy": ["--strategy"], "model.block_size": ["--block-size"],
     "data.tokenizer": ["--tokenizer"], "data.vocab_size": ["--vocab-size"], "data.separator": ["--separator"],
     "sample.prompt": ["--prompt"], "sample.max_new_tokens": ["--max-new-tokens"],
     "sample.temperature": ["--temperature"], "sample.top_k": ["--top-k"], "sample.top_p": ["--top-p"],
@@ -109,6 +109,8 @@ def build_parser() -> Parser:
     t.add_argument("--no-sample", action="store_true", help="skip the sample printed at the end")
     t.add_argument("--nproc", type=int, default=1,
                    help="data-parallel processes on this machine, launched through torchrun (default: 1)")
+    t.add_argument("--max-restarts", type=int, default=0,
+                   help="with --nproc: restart the workers this often after a failure; they resume (default: 0)")
     add_config_flags(t, ["model", "train", "data", "sample"], extra_aliases={"train.out": ["--out"]})
 
     g = subs.add_parser("generate", help="sample text from a run or checkpoint folder", formatter_class=fmt)
@@ -150,21 +152,25 @@ def _train_config(args: argparse.Namespace) -> configlib.Config:
     return configlib.load(preset, overrides=data, cli_overrides=overrides)
 
 
-def launch_torchrun(nproc: int, argv: list[str]) -> int:
+def launch_torchrun(nproc: int, max_restarts: int, argv: list[str]) -> int:
     """Re-run this command under PyTorch's own launcher, one process per device."""
     import subprocess
 
     rest, skip = [], False
-    for a in argv:  # drop --nproc N / --nproc=N
+    for a in argv:  # drop the launcher's own options
         if skip:
             skip = False
-        elif a == "--nproc":
+        elif a in ("--nproc", "--max-restarts"):
             skip = True
-        elif not a.startswith("--nproc="):
+        elif not a.startswith(("--nproc=", "--max-restarts=")):
             rest.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "pocketlm", *rest]
-    return subprocess.run(cmd).returncode
+           f"--max-restarts={max_restarts}", "-m", "pocketlm", *rest]
+    rc = subprocess.run(cmd).returncode
+    if rc != 0:
+        raise PocketLMError(f"a training process failed (torchrun exit code {rc}, details above); the last "
+                            "complete checkpoint is kept: continue with --resume")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -173,7 +179,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pocketlm.train import train
 
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return launch_torchrun(args.nproc, args.argv)
+        return launch_torchrun(args.nproc, args.max_restarts, args.argv)
     cfg = _train_config(args)
     if not cfg.data.path:
         raise PocketLMError("no dataset given: pocketlm train DATA_DIR --out RUN_DIR")

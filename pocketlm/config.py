@@ -77,6 +77,7 @@ class TrainConfig:
     dtype: str = _f("auto", "'auto', 'float32', 'bfloat16' or 'float16' (autocast; GPU only)")
     compile: bool = _f(False, "torch.compile the model (measure first: it helps most on GPUs)")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
+    strategy: str = _f("ddp", "with several processes: 'ddp' (replicate the model) or 'fsdp' (shard it)")
 
 
 @dataclass

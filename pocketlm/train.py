@@ -11,9 +11,9 @@ whatever the number of processes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from pocketlm import checkpoint as ckpt
 from pocketlm import config as configlib
+from pocketlm import parallel
 from pocketlm.config import Config
 from pocketlm.data.prepare import Dataset
 from pocketlm.device import Runtime, setup, teardown
@@ -166,6 +167,8 @@ class Trainer:
         if not t.out:
             raise PocketLMError("no run folder given: pass --out RUN_DIR")
         self.out = Path(t.out)
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and (self.out / "last").is_dir():
+            resume = self.resume = True  # torchrun restarted the workers: continue from the last checkpoint
         self.rt = setup(t.device, t.dtype, t.threads)
         self.verbose = verbose and self.rt.is_main
         self.dataset = Dataset(cfg.data.path) if task is None else getattr(task, "dataset", None)
@@ -186,18 +189,14 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         self.model = GPT(GPTConfig(**vars(cfg.model))).to(self.rt.device)
+        parallel.shard(self.model, self.rt, t.strategy)
         fused = self.rt.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr,
                                            betas=(t.beta1, t.beta2), fused=fused or None)
         self.state = State()
         if resume:
             self._load_last()
-        self.fwd = self.model
-        if self.rt.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
-            self.fwd = DDP(self.model, device_ids=ids)
+        self.fwd = parallel.wrap(self.model, self.rt, t.strategy)
         if t.compile:
             self.fwd = torch.compile(self.fwd)  # the uncompiled self.model is what gets saved
         self.scaler = torch.amp.GradScaler(enabled=self.rt.dtype == torch.float16)
@@ -212,10 +211,8 @@ class Trainer:
         folder = self.out / "last"
         meta, opt_state, rng = ckpt.load_trainer_state(folder)
         check_resume_compatible(meta["config"], self.cfg)
-        model, _ = ckpt.load_model(folder, self.rt.device)
-        self.model.load_state_dict(model.state_dict())
-        if opt_state is not None:
-            self.optimizer.load_state_dict(opt_state)
+        saved, _ = ckpt.load_model(folder, "cpu")
+        parallel.load_full_state(self.model, self.optimizer, saved.state_dict(), opt_state)
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
         if "cuda" in rng and self.rt.device.type == "cuda":
@@ -232,6 +229,9 @@ class Trainer:
     def save(self, name: str, with_optimizer: bool) -> Path:
         """Write a checkpoint folder atomically (rank 0 only)."""
         dst = self.out / name
+        # gathering is collective under FSDP: every rank takes part, rank 0 writes
+        model_state = parallel.full_model_state(self.model)
+        opt_state = parallel.full_optimizer_state(self.model, self.optimizer) if with_optimizer else None
         if self.rt.is_main:
             tmp = self.out / f".{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -239,10 +239,10 @@ class Trainer:
             s = self.cfg.sample
             gen = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
                    "max_new_tokens": s.max_new_tokens, "repetition_penalty": s.repetition_penalty}
-            ckpt.save_model(self.model, tmp, self.dataset.path if self.dataset else None, eot, gen)
+            ckpt.save_model(self.model, tmp, self.dataset.path if self.dataset else None, eot, gen, model_state)
             meta = {"step": self.state.step, "tokens": self.state.tokens, "best_val": self.state.best_val,
                     "elapsed": self.state.elapsed, "config": self.cfg.to_dict()}
-            ckpt.save_trainer_state(tmp, meta, self.optimizer if with_optimizer else None, self._rng_state())
+            ckpt.save_trainer_state(tmp, meta, opt_state, self._rng_state())
             ckpt.replace_dir(tmp, dst)
             for cb in self.callbacks:
                 getattr(cb, "on_checkpoint", lambda *a: None)(self.state.step, dst)
@@ -260,11 +260,15 @@ class Trainer:
         t = self.cfg.train
         self.model.eval()
         total = torch.zeros(2, device=self.rt.device)
-        for i in range(self.rt.rank, t.eval_steps, self.rt.world_size):  # sharded across ranks
+        rounds = -(-t.eval_steps // self.rt.world_size)
+        for j in range(rounds):  # batches sharded across ranks; every rank runs the same number of forwards
+            i = j * self.rt.world_size + self.rt.rank
             batch = self.task.batch(split, 10**9 + i, 0, t.batch_size, 1, _single(self.rt), t.seed, self.rt.device)
             with self.rt.autocast():
-                total[0] += self.task.loss(self.model, batch).float()
-            total[1] += 1
+                loss = self.task.loss(self.model, batch).float()
+            if i < t.eval_steps:  # a surplus batch only keeps FSDP's collectives in step
+                total[0] += loss
+                total[1] += 1
         if self.rt.distributed:
             dist.all_reduce(total)
         self.model.train()
@@ -285,7 +289,7 @@ class Trainer:
         self.model.train()
         window_s, window_tokens, shown = 0.0, 0, ""
         try:
-            while st.step < t.max_steps and not self.stop_requested:
+            while st.step < t.max_steps and not parallel.all_agree(self.stop_requested, rt):
                 step_t0 = time.perf_counter()
                 lr = lr_at(st.step, t)
                 for group in self.optimizer.param_groups:
@@ -294,8 +298,7 @@ class Trainer:
                 for micro in range(accum):
                     batch = self.task.batch("train", st.step, micro, t.batch_size, accum, rt, t.seed,
                                             rt.device)
-                    sync = micro == accum - 1 or not rt.distributed
-                    with (contextlib.nullcontext() if sync else self.fwd.no_sync()), rt.autocast():
+                    with parallel.grad_sync(self.fwd, self.model, micro == accum - 1), rt.autocast():
                         loss = self.task.loss(self.fwd, batch) / accum
                     self.scaler.scale(loss).backward()
                     loss_sum += loss.detach()
@@ -318,7 +321,8 @@ class Trainer:
                     window_s, window_tokens = 0.0, 0
                     loss_value = loss_sum.item()
                     self._emit("on_log", {"step": st.step, "train/loss": loss_value, "lr": lr,
-                                          "grad_norm": gnorm.item(), "tokens": st.tokens, "tokens_per_s": round(tps),
+                                          "grad_norm": parallel.total_norm(gnorm), "tokens": st.tokens,
+                                          "tokens_per_s": round(tps),
                                           "tflops": round(tps * flops_per_token / 1e12, 4),
                                           "elapsed_s": round(st.elapsed, 2)})
                     shown = f"loss {loss_value:.4f} | {tps:,.0f} tok/s"
@@ -330,7 +334,7 @@ class Trainer:
                 signal.signal(signal.SIGINT, old_handler)
             if self.log:
                 self.log.close()
-        if self.stop_requested and st.step < t.max_steps:
+        if st.step < t.max_steps:  # every rank agreed to stop early
             st.interrupted = True
             self.save("last", with_optimizer=True)
             if self.verbose:
@@ -369,14 +373,15 @@ class Trainer:
 
     def _install_sigint(self) -> Callable | None:
         """First Ctrl-C: finish the step, save last/, exit cleanly. Second: stop at once."""
-        if not self.rt.is_main or not _is_main_thread():
+        if not _is_main_thread():
             return None
 
         def handler(signum: int, frame: Any) -> None:
             if self.stop_requested:
                 raise KeyboardInterrupt
             self.stop_requested = True
-            print("\nstopping after this step (Ctrl-C again to abort)...", file=sys.stderr)
+            if self.verbose:
+                print("\nstopping after this step (Ctrl-C again to abort)...", file=sys.stderr)
 
         return signal.signal(signal.SIGINT, handler)
 

@@ -66,16 +66,19 @@ def test_replace_dir_and_recover(tmp_path: Path) -> None:
 
 
 def test_trainer_state_round_trip(tmp_path: Path) -> None:
+    from pocketlm import parallel
+
     model = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=1, n_embd=8))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
     opt.step()
     rng = {"torch": torch.get_rng_state()}
-    ckpt.save_trainer_state(tmp_path, {"step": 3, "tokens": 12}, opt, rng)
+    ckpt.save_trainer_state(tmp_path, {"step": 3, "tokens": 12}, parallel.full_optimizer_state(model, opt), rng)
     meta, opt_state, rng2 = ckpt.load_trainer_state(tmp_path)
     assert meta["step"] == 3 and torch.equal(rng2["torch"], rng["torch"])
+    assert "transformer.wte.weight" in opt_state["state"]  # keyed by parameter name, not position
     opt2 = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    opt2.load_state_dict(opt_state)
+    parallel.load_full_state(model, opt2, model.state_dict(), opt_state)
     for p in model.parameters():
         a, b = opt.state[p], opt2.state[p]
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])

@@ -1,0 +1,98 @@
+"""Data parallelism for the training loop: DDP or FSDP wrapping, gradient-sync control, full state dicts.
+
+Checkpoints always hold full (gathered) tensors keyed by parameter name, whichever strategy wrote them,
+so a run saved by 8 FSDP ranks resumes in 1 process and the other way round. The state-dict helpers come
+from torch.distributed.checkpoint and work on plain, DDP and FSDP models alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from pocketlm.device import Runtime
+from pocketlm.errors import PocketLMError
+
+STRATEGIES = ("ddp", "fsdp")
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def shard(model: torch.nn.Module, rt: Runtime, strategy: str) -> None:
+    """FSDP shards parameters in place and must come before the optimizer is built; DDP wraps later."""
+    if strategy not in STRATEGIES:
+        raise PocketLMError(f"unknown train.strategy {strategy!r}: use 'ddp' or 'fsdp'")
+    if strategy == "fsdp" and rt.distributed:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.transformer.h:  # one all-gather per block keeps peak memory to a block
+            fully_shard(block)
+        fully_shard(model)
+
+
+def wrap(model: torch.nn.Module, rt: Runtime, strategy: str) -> torch.nn.Module:
+    """The module the loop calls forward on (the bare model is what gets saved)."""
+    if rt.distributed and strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        return DDP(model, device_ids=ids)
+    return model
+
+
+@contextlib.contextmanager
+def grad_sync(fwd: torch.nn.Module, model: torch.nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on accumulation micro-steps; only the last one synchronises."""
+    if enabled:
+        yield
+    elif hasattr(fwd, "no_sync"):  # DDP
+        with fwd.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Gathered CPU tensors (a collective under FSDP: every rank calls it, rank 0 uses it)."""
+    return get_model_state_dict(model, options=FULL)
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    return get_optimizer_state_dict(model, optimizer, options=FULL)
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any] | None) -> None:
+    sharded = any(hasattr(p, "full_tensor") for p in model.parameters())  # FSDP's DTensors
+    opts = StateDictOptions(full_state_dict=sharded)  # full tensors in, each rank keeps its shard
+    set_model_state_dict(model, model_state, options=opts)
+    if optimizer is not None and optimizer_state is not None:
+        set_optimizer_state_dict(model, optimizer, optimizer_state, options=opts)
+
+
+def all_agree(flag: bool, rt: Runtime) -> bool:
+    """True on every rank when any rank says so (stopping must be unanimous, or collectives hang)."""
+    if not rt.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def total_norm(gnorm: torch.Tensor) -> float:
+    return float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
