@@ -135,20 +135,24 @@ class MetricsLog:
         self.f.close()
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool, write: bool) -> None:
+    """Refuse to clobber a run (checked on every rank, so all fail alike); rank 0 (`write`) clears it."""
     if resume:
-        ckpt.recover(out / "last")
-        if not (out / "last" / "trainer_state.json").is_file():
+        if write:
+            ckpt.recover(out / "last")
+        if not (out / "last" / "trainer_state.json").is_file() and not (out / ".last.old").is_dir():
             raise PocketLMError(f"nothing to resume in {out} (no last/ checkpoint); drop --resume to start fresh")
         return
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise PocketLMError(f"run folder {out} already exists: pass --resume to continue it or --overwrite "
                                 "to start over")
-        for sub in ("best", "last", "metrics.jsonl", "config.yaml"):
-            p = out / sub
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+        if write:
+            for sub in ("best", "last", "metrics.jsonl", "config.yaml"):
+                p = out / sub
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
 
 
 def check_resume_compatible(saved: dict[str, Any], cfg: Config) -> None:
@@ -183,8 +187,7 @@ class Trainer:
             raise PocketLMError(f"train.grad_accum ({t.grad_accum}) must be a multiple of the number of processes "
                                 f"({self.rt.world_size}) so the global batch stays batch_size x grad_accum")
         self.accum = t.grad_accum // self.rt.world_size
-        if self.rt.is_main:
-            prepare_run_dir(self.out, resume, overwrite)
+        prepare_run_dir(self.out, resume, overwrite, write=self.rt.is_main)
         self._barrier()
 
         torch.manual_seed(t.seed)
