@@ -14,6 +14,7 @@ prepared data, so nothing is written into the checkout. Results go in docs/bench
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -146,7 +147,8 @@ def run_nanogpt(nanogpt: Path, text: Path, work: Path, steps: int, eval_interval
     ckpt = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True)  # best val checkpoint
     spec = importlib.util.spec_from_file_location("nanogpt_model", nanogpt / "model.py")
     spec.loader.exec_module(module := importlib.util.module_from_spec(spec))
-    model = module.GPT(module.GPTConfig(**ckpt["model_args"])).eval()
+    with contextlib.redirect_stdout(sys.stderr):  # its constructor prints; keep stdout pure JSON lines
+        model = module.GPT(module.GPTConfig(**ckpt["model_args"])).eval()
     model.load_state_dict(ckpt["model"])
     val = np.fromfile(cwd / "data" / "shakespeare_char" / "val.bin", dtype=np.uint16)
     full = full_val_loss(lambda x, y: model(x, y)[1], val, MODEL_ARGS["block_size"])
@@ -174,6 +176,7 @@ def run_pocketlm(text: Path, work: Path, steps: int, eval_interval: int, quiet_s
     shape = [a for k, v in MODEL_ARGS.items() for a in (f"--{section.get(k, 'model')}.{k}", str(v))]
     cmd = [*cli, "train", str(data), "--out", str(run), *shape, "--max-steps", str(steps), "--lr", "1e-3",
            "--train.min_lr", "1e-4", "--train.warmup_steps", "100", "--model.dropout", "0",
+           "--model.bias", "false",  # nanoGPT's train.py default: the identical model
            "--train.eval_interval", str(eval_interval), "--train.eval_steps", "20", "--no-sample"]
     busy = wait_for_quiet(quiet_s)
     proc = timed_run(cmd, work, work / "pocketlm_train.log")
@@ -211,7 +214,7 @@ def race(fns: dict[str, tuple[Callable[[], list[int]], int]], repeats: int) -> d
     return {name: (fns[name][1] / statistics.median(times[name]), outs[name]) for name in fns}
 
 
-def bench_generation(run: Path, repeats: int, quiet_s: float) -> list[dict[str, Any]]:
+def bench_generation(run: Path, repeats: int, quiet_s: float) -> None:
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -239,14 +242,12 @@ def bench_generation(run: Path, repeats: int, quiet_s: float) -> list[dict[str, 
     (hf_tps, hf_out), (our_tps, our_out), (long_tps, _) = res["hf"], res["ours"], res["ours_500"]
     common = {"bench": "generate", "batch": 1, "greedy": True, "prompt_tokens": len(ids), "repeats": repeats,
               "threads": torch.get_num_threads(), "busy_pct_before": busy}
-    return [
-        emit({**common, "impl": "hf_generate", "new_tokens": short, "tokens_per_s": round(hf_tps, 1)}),
-        emit({**common, "impl": "pocketlm", "new_tokens": short, "tokens_per_s": round(our_tps, 1),
-              "same_tokens_as_hf": our_out == hf_out}),
-        emit({**common, "impl": "pocketlm", "new_tokens": 500, "tokens_per_s": round(long_tps, 1)}),
-        emit({"bench": "generate", "ratio_tokens_per_s": round(our_tps / hf_tps, 2),
-              "note": f"pocketlm / HF generate, {short} new tokens"}),
-    ]
+    emit({**common, "impl": "hf_generate", "new_tokens": short, "tokens_per_s": round(hf_tps, 1)})
+    emit({**common, "impl": "pocketlm", "new_tokens": short, "tokens_per_s": round(our_tps, 1),
+          "same_tokens_as_hf": our_out == hf_out})
+    emit({**common, "impl": "pocketlm", "new_tokens": 500, "tokens_per_s": round(long_tps, 1)})
+    emit({"bench": "generate", "ratio_tokens_per_s": round(our_tps / hf_tps, 2),
+          "note": f"pocketlm / HF generate, {short} new tokens"})
 
 
 def find_nanogpt(path: Path) -> Path:
@@ -268,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=7, help="timed generation runs per figure, median (default: 7)")
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                     help="before each part, wait up to S seconds for the machine to be under 20%% busy")
+    ap.add_argument("--rounds", type=int, default=1, help="train each this often, alternating the order; "
+                    "ratios use the medians (default: %(default)s)")
     ap.add_argument("--keep", type=Path, help="keep the work files (data, logs, runs) in this folder")
     args = ap.parse_args(argv)
     nanogpt = find_nanogpt(args.nanogpt)
@@ -280,14 +283,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         emit({"bench": "machine", "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpus": os.cpu_count(), "steps": steps, "load_1m": round(os.getloadavg()[0], 2)})
-        ng = run_nanogpt(nanogpt, args.data.resolve(), work, steps, eval_interval, args.wait_quiet)
-        pl = run_pocketlm(args.data.resolve(), work, steps, eval_interval, args.wait_quiet)
+        # alternate the order each round, so that a drift in machine speed does not favour one side
+        ngs, pls = [], []
+        for r in range(args.rounds):
+            rwork = work / f"round{r}"
+            rwork.mkdir()
+            jobs = [lambda: ngs.append(run_nanogpt(nanogpt, args.data.resolve(), rwork, steps, eval_interval,
+                                                   args.wait_quiet)),
+                    lambda: pls.append(run_pocketlm(args.data.resolve(), rwork, steps, eval_interval,
+                                                    args.wait_quiet))]
+            for job in (jobs if r % 2 == 0 else jobs[::-1]):
+                job()
         keys = ("wall_s", "cpu_s", "ms_per_step", "ms_per_step_median10", "ms_per_step_p10", "tokens_per_s",
-                "peak_rss_mb")  # pocketlm / nanoGPT
-        emit({"bench": "train", **{f"ratio_{k}": round(pl[k] / ng[k], 3) for k in keys},
+                "peak_rss_mb")  # pocketlm / nanoGPT, medians over the rounds
+        ng = {k: statistics.median(x[k] for x in ngs) for k in ngs[0] if isinstance(ngs[0][k], (int, float))}
+        pl = {k: statistics.median(x[k] for x in pls) for k in pls[0] if isinstance(pls[0][k], (int, float))}
+        emit({"bench": "train", "rounds": args.rounds, **{f"ratio_{k}": round(pl[k] / ng[k], 3) for k in keys},
               "delta_final_val_loss": round(pl["final_val_loss"] - ng["final_val_loss"], 4),
               "delta_full_val_loss": round(pl["full_val_loss_best_ckpt"] - ng["full_val_loss_best_ckpt"], 4)})
-        bench_generation(work / "pocketlm_run", repeats, args.wait_quiet)
+        bench_generation(work / f"round{args.rounds - 1}" / "pocketlm_run", repeats, args.wait_quiet)
     finally:
         if args.keep:
             shutil.copytree(work, args.keep, dirs_exist_ok=True, symlinks=True)

@@ -12,19 +12,18 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from pocketlm.device import Runtime
 from pocketlm.errors import PocketLMError
 
 STRATEGIES = ("ddp", "fsdp")
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# torch.distributed.checkpoint is imported where used: it costs ~0.8 s at start-up
+
+
+def _full_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def shard(model: torch.nn.Module, rt: Runtime, strategy: str) -> None:
@@ -69,15 +68,25 @@ def grad_sync(fwd: torch.nn.Module, model: torch.nn.Module, enabled: bool):
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Gathered CPU tensors (a collective under FSDP: every rank calls it, rank 0 uses it)."""
-    return get_model_state_dict(model, options=FULL)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options())
 
 
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    return get_optimizer_state_dict(model, optimizer, options=FULL)
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_full_options())
 
 
 def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any] | None) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
     sharded = any(hasattr(p, "full_tensor") for p in model.parameters())  # FSDP's DTensors
     opts = StateDictOptions(full_state_dict=sharded)  # full tensors in, each rank keeps its shard
     set_model_state_dict(model, model_state, options=opts)

@@ -193,9 +193,11 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.model = GPT(GPTConfig(**vars(cfg.model))).to(self.rt.device)
         parallel.shard(self.model, self.rt, t.strategy)
-        fused = self.rt.device.type == "cuda"
+        # fused kernels on CUDA; elsewhere the multi-tensor path (torch defaults CPU to one tensor at a time)
+        on_cuda = self.rt.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr,
-                                           betas=(t.beta1, t.beta2), fused=fused or None)
+                                           betas=(t.beta1, t.beta2), fused=on_cuda or None,
+                                           foreach=None if on_cuda else True)
         self.state = State()
         if resume:
             self._load_last()
