@@ -86,7 +86,17 @@ def setup(device: str = "auto", dtype: str = "auto", threads: int = 0) -> Runtim
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restart:
+            # after an elastic restart the launcher's store still holds the dead round's peer addresses
+            # under the default keys; a per-round prefix makes the new workers meet each other instead
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                  is_master=False)
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"pocketlm-restart-{restart}", store),
+                                    rank=rank, world_size=world)
+        else:
+            dist.init_process_group(backend=backend)
     reason = f"device {dev} ({why_dev}); {why_dt}"
     if world > 1:
         reason += f"; rank {rank}/{world}"
