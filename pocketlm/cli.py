@@ -194,11 +194,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unescape(text: str) -> str:
+    """Let a shell user type \\n and \\t in --prompt and --stop."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def _sampling(s: configlib.SampleConfig):
     from pocketlm.generate import SamplingParams
 
     return SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
-                          top_p=s.top_p, repetition_penalty=s.repetition_penalty, seed=s.seed, stop=s.stop or [])
+                          top_p=s.top_p, repetition_penalty=s.repetition_penalty, seed=s.seed,
+                          stop=[_unescape(x) for x in s.stop or []])
 
 
 def _print_samples(model: str, s: configlib.SampleConfig, num_samples: int, device: str = "auto") -> None:
@@ -206,7 +212,7 @@ def _print_samples(model: str, s: configlib.SampleConfig, num_samples: int, devi
 
     engine = Engine.load(model, device)
     p = _sampling(s)
-    prompt = s.prompt.replace("\\n", "\n").replace("\\t", "\t")  # let a shell user type \n
+    prompt = _unescape(s.prompt)
     if num_samples == 1:
         print(f"--- sample ---\n{prompt}", end="", flush=True)
         for piece in engine.stream(prompt, p):

@@ -130,3 +130,14 @@ def test_quickstart_runs_on_the_bundled_corpus(tmp_path: Path) -> None:
     assert r.stdout.count("--- sample") == 3 and "ROMEO:" in r.stdout
     assert (tmp_path / "qs" / "best" / "model.safetensors").is_file()
     assert len(list((tmp_path / "qs" / "corpus").glob("*.txt"))) >= 37
+
+
+def test_prompt_and_stop_accept_shell_escapes(tmp_path: Path, char_data: Path, capsys) -> None:
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", char_data, "--out", run, *TINY, "--max-steps", "10", "--no-sample")[0] == 0
+    code, out, _ = run_cli(capsys, "generate", run, "--prompt", "the cat\\n", "--stop", "\\n", "--max-new-tokens",
+                           "200", "--temperature", "1", "--seed", "0", "-n", "2")
+    assert code == 0
+    bodies = [chunk.split("\n", 1)[1] for chunk in out.split("--- sample")[1:]]  # prompt + completion
+    assert len(bodies) == 2
+    assert all(b.startswith("the cat\n") and "\n" not in b[len("the cat\n"):].rstrip("\n") for b in bodies)
