@@ -139,7 +139,14 @@ def read_config(folder: Path) -> GPTConfig:
     file = folder / "config.json"
     if not file.is_file():
         raise PocketLMError(f"{folder} is not a model folder (no config.json): pass a run folder or checkpoint")
-    hf = json.loads(file.read_text())
+    try:
+        hf = json.loads(file.read_text())
+        if not isinstance(hf, dict):
+            raise ValueError
+        _ = [int(hf[k]) for k in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd")]
+    except (ValueError, KeyError, TypeError):
+        raise PocketLMError(f"{file} is corrupt or not a GPT-2 config (needs vocab_size, n_positions, "
+                            "n_layer, n_head, n_embd)") from None
     if hf.get("model_type") != "gpt2":
         raise PocketLMError(f"{folder} holds a {hf.get('model_type')!r} model; pocketlm's GPT loads GPT-2 layouts")
     if hf.get("activation_function", "gelu") != "gelu" or (hf.get("n_inner") or 4 * hf["n_embd"]) != 4 * hf["n_embd"]:
@@ -158,10 +165,10 @@ def resolve(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise PocketLMError(f"no such run or checkpoint folder: {p}")
-    for sub in ("best", "last"):
-        recover(p / sub)
-        if (p / sub / "config.json").is_file():
-            return p / sub
+    for sub in ("best", "last"):  # read-only: a trainer may be swapping these folders right now
+        for cand in (p / sub, _old(p / sub)):
+            if (cand / "config.json").is_file():
+                return cand
     return p
 
 
@@ -171,8 +178,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise PocketLMError(f"{folder} has no model.safetensors")
+    if cfg.n_head < 1 or cfg.n_embd % cfg.n_head:
+        raise PocketLMError(f"{folder}/config.json: n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
     model = GPT(cfg)
-    model.load_state_dict(from_hf_state(load_file(str(weights)), cfg))
+    try:
+        model.load_state_dict(from_hf_state(load_file(str(weights)), cfg))
+    except Exception as e:  # safetensors header errors, shape mismatches, missing keys
+        raise PocketLMError(f"{weights} cannot be loaded into the model its config.json describes: "
+                            f"{str(e).splitlines()[0][:200]}") from None
     return model.to(device).eval(), folder
 
 
@@ -199,10 +212,13 @@ def load_trainer_state(folder: Path) -> tuple[dict[str, Any], dict[str, Any] | N
     jf, tf = folder / "trainer_state.json", folder / "trainer_state.safetensors"
     if not jf.is_file() or not tf.is_file():
         raise PocketLMError(f"{folder} has no trainer state to resume from; start a new run with --overwrite")
-    meta = json.loads(jf.read_text())
+    try:
+        meta = json.loads(jf.read_text())
+        tensors = load_file(str(tf))
+    except Exception:
+        raise PocketLMError(f"the trainer state in {folder} is corrupt; start over with --overwrite") from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise PocketLMError(f"{folder}: trainer state format v{meta.get('format_version')} is not v{FORMAT_VERSION}")
-    tensors = load_file(str(tf))
     rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
     opt = None
     if meta.get("optimizer_param_groups") is not None:

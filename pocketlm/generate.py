@@ -9,6 +9,7 @@ be shifted inside the cache), so long generations cost one prefill per block_siz
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,10 @@ class SamplingParams:
             raise PocketLMError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise PocketLMError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0 or self.repetition_penalty <= 0:
-            raise PocketLMError("top_k must be >= 0 and repetition_penalty > 0")
+        if self.top_k < 0 or not self.repetition_penalty > 0 or not math.isfinite(self.temperature):
+            raise PocketLMError("top_k must be >= 0, repetition_penalty > 0 and temperature finite")
+        if any(not x for x in self.stop):
+            raise PocketLMError("stop strings must not be empty")
         return self
 
 
@@ -105,6 +108,8 @@ class Engine:
     def steps(self, prompt: str | list[int], p: SamplingParams, n: int = 1) -> Iterator[torch.Tensor]:
         """Yield the next token of each of the n samples, (n,), once per step; stopping is the caller's."""
         p.validate()
+        if n < 1:
+            raise PocketLMError(f"the number of samples must be at least 1, got {n}")
         ids = self.encode_prompt(prompt)
         T = self.block_size
         total = len(ids) + p.max_new_tokens
@@ -153,7 +158,10 @@ class Engine:
             run.push(int(tok[0]))
             text = run.text()
             # hold back a possible stop-string prefix and an incomplete UTF-8 character
-            safe = len(text) if run.finish else len(text) - run.holdback
+            if run.finish:
+                safe = run.cut if run.cut is not None else len(text)
+            else:
+                safe = len(text) - run.holdback
             while safe > emitted and text[safe - 1] == "\ufffd" and not run.finish:
                 safe -= 1
             if safe > emitted:

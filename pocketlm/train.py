@@ -115,13 +115,21 @@ class State:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a torn last line (killed mid-write) sorts after everything."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per line with `step`; on resume, later lines are dropped."""
 
     def __init__(self, path: Path, keep_until: int | None) -> None:
         self.path = path
         if keep_until is not None and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= keep_until]
+            kept = [ln for ln in path.read_text().splitlines() if _step_of(ln) <= keep_until]
             ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in kept))
         elif keep_until is None:
             ckpt.atomic_write_text(path, "")
@@ -137,6 +145,8 @@ class MetricsLog:
 
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool, write: bool) -> None:
     """Refuse to clobber a run (checked on every rank, so all fail alike); rank 0 (`write`) clears it."""
+    if out.exists() and not out.is_dir():
+        raise PocketLMError(f"--out {out} is a file, not a run folder")
     if resume:
         if write:
             ckpt.recover(out / "last")
@@ -148,7 +158,7 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool, write: bool) -> No
             raise PocketLMError(f"run folder {out} already exists: pass --resume to continue it or --overwrite "
                                 "to start over")
         if write:
-            for sub in ("best", "last", "metrics.jsonl", "config.yaml"):
+            for sub in ("best", "last", ".best.old", ".last.old", "metrics.jsonl", "config.yaml"):
                 p = out / sub
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     if write:
@@ -187,9 +197,6 @@ class Trainer:
             raise PocketLMError(f"train.grad_accum ({t.grad_accum}) must be a multiple of the number of processes "
                                 f"({self.rt.world_size}) so the global batch stays batch_size x grad_accum")
         self.accum = t.grad_accum // self.rt.world_size
-        prepare_run_dir(self.out, resume, overwrite, write=self.rt.is_main)
-        self._barrier()
-
         torch.manual_seed(t.seed)
         self.model = GPT(GPTConfig(**vars(cfg.model))).to(self.rt.device)
         parallel.shard(self.model, self.rt, t.strategy)
@@ -198,6 +205,9 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr,
                                            betas=(t.beta1, t.beta2), fused=on_cuda or None,
                                            foreach=None if on_cuda else True)
+        # only now, with everything built and checked, is an old run cleared (--overwrite)
+        prepare_run_dir(self.out, resume, overwrite, write=self.rt.is_main)
+        self._barrier()
         self.state = State()
         if resume:
             self._load_last()

@@ -104,6 +104,12 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path, corpus: Path, char_data
     assert "expects int" in one_line_error(capsys, "train", char_data, "--out", tmp_path / "r", "--max-steps", "x")
     assert "not a prepared dataset" in one_line_error(capsys, "train", corpus.parent, "--out", tmp_path / "r")
     assert "no such run" in one_line_error(capsys, "generate", tmp_path / "nothing")
+    for flags, message in [(["--lr", "nan"], "finite"), (["--train.beta1", "2"], "beta1"),
+                           (["--model.n_head", "0"], "at least 1"), (["--device", "foo"], "unknown device"),
+                           (["--train.threads", "-1"], ">= 0")]:
+        assert message in one_line_error(capsys, "train", char_data, "--out", tmp_path / "r", *flags)
+    assert "is a file" in one_line_error(capsys, "train", char_data, "--out", corpus)
+    assert "finite" in one_line_error(capsys, "generate", tmp_path / "nothing", "--temperature", "inf")
 
 
 def test_existing_run_and_incompatible_resume(tmp_path: Path, char_data: Path, capsys) -> None:
@@ -114,6 +120,11 @@ def test_existing_run_and_incompatible_resume(tmp_path: Path, char_data: Path, c
     assert "different model shape" in one_line_error(capsys, "train", char_data, "--out", run, "--resume",
                                                      "--model.n_layer", "3")
     assert (run / "last" / "model.safetensors").read_bytes() == weights
+    # --overwrite with a setting that fails validation leaves the old run alone
+    assert "beta1" in one_line_error(capsys, "train", char_data, "--out", run, "--overwrite", "--train.beta1", "2")
+    assert (run / "last" / "model.safetensors").read_bytes() == weights
+    (run / "best" / "model.safetensors").write_bytes(b"\0" * 10)
+    assert "cannot be loaded" in one_line_error(capsys, "generate", run)
     assert "nothing to resume" in one_line_error(capsys, "train", char_data, "--out", tmp_path / "new", "--resume")
     # --resume alone takes the run's saved config and continues to a larger max_steps
     code, out, _ = run_cli(capsys, "train", "--out", run, "--resume", "--max-steps", "20", "--no-sample")

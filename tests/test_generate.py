@@ -97,3 +97,13 @@ def test_engine_loads_a_checkpoint_folder_directly(engine: Engine, tmp_path: Pat
     assert isinstance(engine.tok, toklib.Tok)
     with pytest.raises(PocketLMError, match="no such run"):
         Engine.load(tmp_path / "missing")
+
+
+def test_stream_never_prints_the_stop_string(engine: Engine) -> None:
+    free = engine.generate("the", SamplingParams(max_new_tokens=40, temperature=0, stop_at_eot=False))[0].text
+    stop = free[5]  # a single character the continuation produces
+    p = SamplingParams(max_new_tokens=40, temperature=0, stop=[stop], stop_at_eot=False)
+    streamed = "".join(engine.stream("the", p))
+    assert streamed == engine.generate("the", p)[0].text == free[:free.index(stop)]
+    with pytest.raises(PocketLMError, match="at least 1"):
+        engine.generate("the", p, n=0)

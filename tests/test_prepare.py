@@ -105,3 +105,20 @@ def test_shard_header_is_checked(tmp_path: Path, char_data: Path) -> None:
     truncated.write_bytes((char_data / "train.bin").read_bytes()[:-3])
     with pytest.raises(PocketLMError, match="truncated"):
         open_shard(truncated)
+
+
+def test_overwrite_only_replaces_datasets_and_never_the_inputs(tmp_path: Path, corpus: Path) -> None:
+    with pytest.raises(PocketLMError, match="not a pocketlm dataset folder"):
+        prepare([corpus], corpus.parent, DataConfig(tokenizer="char"), overwrite=True, verbose=False)
+    with pytest.raises(PocketLMError, match="already exists"):
+        prepare([corpus], corpus, DataConfig(tokenizer="char"), verbose=False)
+    assert corpus.is_file()
+    (corpus.parent / "manifest.json").write_text("{}")  # even a dataset-looking folder may not hold the inputs
+    with pytest.raises(PocketLMError, match="lies inside --out"):
+        prepare([corpus], corpus.parent, DataConfig(tokenizer="char"), overwrite=True, verbose=False)
+    assert corpus.is_file()
+
+
+def test_eot_token_must_not_be_an_ordinary_character(tmp_path: Path, corpus: Path) -> None:
+    with pytest.raises(PocketLMError, match="occurs in"):
+        prepare([corpus], tmp_path / "d", DataConfig(tokenizer="char", eot_token="a"), verbose=False)

@@ -77,14 +77,20 @@ def _share(n: int, fraction: float) -> int:
 def prepare(inputs: list[str | Path], out: str | Path, cfg: DataConfig, val: list[str | Path] | None = None,
             test: list[str | Path] | None = None, overwrite: bool = False, verbose: bool = True) -> dict:
     """Build a dataset folder; returns its manifest."""
-    out = Path(out)
+    out = Path(out).resolve()
     if out.exists() and not overwrite:
         raise PocketLMError(f"{out} already exists: choose another --out or pass --overwrite")
+    if out.exists() and not (out / "manifest.json").is_file():
+        raise PocketLMError(f"{out} is not a pocketlm dataset folder: --overwrite only replaces datasets; "
+                            "choose another --out")
     if cfg.tokenizer not in toklib.KINDS and not Path(cfg.tokenizer).exists():
         raise PocketLMError(f"unknown tokenizer {cfg.tokenizer!r}: use 'char', 'bpe', or a folder with tokenizer.json")
     sources = [Source(p) for p in list_files(inputs)]
     sources += [Source(p, "val") for p in list_files(val or [])]
     sources += [Source(p, "test") for p in list_files(test or [])]
+    for src in sources:
+        if src.path.resolve().is_relative_to(out):
+            raise PocketLMError(f"input {src.path} lies inside --out {out}: write the dataset somewhere else")
     t0 = time.perf_counter()
 
     # pass 1: validate, hash, count documents (and collect characters for char-level)
@@ -98,6 +104,10 @@ def prepare(inputs: list[str | Path], out: str | Path, cfg: DataConfig, val: lis
             n += 1
             if cfg.tokenizer == "char":
                 chars.update(doc)
+            if cfg.eot_token in doc:
+                raise PocketLMError(f"--data.eot_token {cfg.eot_token!r} occurs in {src.path}: it would end documents "
+                                    "mid-text; pick a string that never occurs in the text, or use it as "
+                                    "--data.separator")
         counts.append(n)
         size = src.path.stat().st_size
         inputs_meta.append({"path": str(src.path), "bytes": size, "sha256": file_sha256(src.path),
@@ -119,8 +129,12 @@ def prepare(inputs: list[str | Path], out: str | Path, cfg: DataConfig, val: lis
         tk = toklib.train_bpe(train_docs(), cfg.vocab_size, cfg.eot_token)
     else:
         tk = toklib.load(cfg.tokenizer).tk
+    specials = {t.content for t in tk.get_added_tokens_decoder().values()}
     if tk.token_to_id(cfg.eot_token) is None:
         tk.add_special_tokens([cfg.eot_token])
+    elif cfg.eot_token not in specials or cfg.eot_token == toklib.UNK:
+        raise PocketLMError(f"--data.eot_token {cfg.eot_token!r} is already an ordinary token of this vocabulary; "
+                            "pick a string that never occurs in the text, such as <|endoftext|>")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -196,11 +210,14 @@ class Dataset:
         if not mf.is_file():
             raise PocketLMError(f"{self.path} is not a prepared dataset (no manifest.json): "
                                 f"run `pocketlm prepare TEXT_FILES --out {self.path}` first")
-        self.manifest = json.loads(mf.read_text(encoding="utf-8"))
+        try:
+            self.manifest = json.loads(mf.read_text(encoding="utf-8"))
+            self.vocab_size = int(self.manifest["tokenizer"]["vocab_size"])
+        except (ValueError, KeyError, TypeError):
+            raise PocketLMError(f"{mf} is corrupt: run `pocketlm prepare` again") from None
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise PocketLMError(f"{self.path} has dataset format v{self.manifest.get('format_version')}; this "
                                 f"pocketlm reads v{FORMAT_VERSION}: run `pocketlm prepare` again")
-        self.vocab_size = int(self.manifest["tokenizer"]["vocab_size"])
 
     def split(self, name: str) -> np.ndarray:
         return open_shard(self.path / f"{name}.bin")

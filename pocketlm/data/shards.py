@@ -56,6 +56,8 @@ class ShardWriter:
 
 
 def read_header(path: Path) -> tuple[np.dtype, int, int]:
+    if not Path(path).is_file():
+        raise PocketLMError(f"{path} is missing: the dataset is incomplete, run `pocketlm prepare` again")
     with open(path, "rb") as f:
         raw = f.read(HEADER_BYTES)
     if len(raw) < HEADER_BYTES:
@@ -65,6 +67,8 @@ def read_header(path: Path) -> tuple[np.dtype, int, int]:
         raise PocketLMError(f"{path} is not a pocketlm token shard: run `pocketlm prepare` to make one")
     if header[1] != VERSION:
         raise PocketLMError(f"{path} has shard format v{header[1]}; this pocketlm reads v{VERSION}: prepare again")
+    if int(header[2]) not in (2, 4):
+        raise PocketLMError(f"{path} has a corrupt header (token width {header[2]}): run `pocketlm prepare` again")
     dtype = {2: np.dtype(np.uint16), 4: np.dtype(np.uint32)}[int(header[2])]
     return dtype, int(header[3]), int(header[4])
 
