@@ -226,7 +226,9 @@ def _print_samples(model: str, s: configlib.SampleConfig, num_samples: int, devi
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    s = configlib.apply(configlib.Config(), config_overrides(args), from_string=True).validate().sample
+    run_config = Path(args.model) / "config.yaml"  # a run folder: start from the run's own sample settings
+    base = configlib.load(run_config) if run_config.is_file() else configlib.Config()
+    s = configlib.apply(base, config_overrides(args), from_string=True).validate().sample
     _print_samples(args.model, s, s.num_samples, args.device)
     return 0
 

@@ -152,3 +152,12 @@ def test_prompt_and_stop_accept_shell_escapes(tmp_path: Path, char_data: Path, c
     bodies = [chunk.split("\n", 1)[1] for chunk in out.split("--- sample")[1:]]  # prompt + completion
     assert len(bodies) == 2
     assert all(b.startswith("the cat\n") and "\n" not in b[len("the cat\n"):].rstrip("\n") for b in bodies)
+
+
+def test_generate_starts_from_the_runs_own_sample_settings(tmp_path: Path, char_data: Path, capsys) -> None:
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", char_data, "--out", run, *TINY, "--max-steps", "5", "--no-sample",
+                   "--prompt", "the dog", "--max-new-tokens", "7", "--temperature", "0")[0] == 0
+    code, out, _ = run_cli(capsys, "generate", run)
+    assert code == 0 and out.startswith("--- sample ---\nthe dog")
+    assert len(out.split("\n", 1)[1].rstrip("\n")) <= len("the dog") + 7
