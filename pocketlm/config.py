@@ -170,9 +170,9 @@ def _hints(section: str) -> dict[str, Any]:
     return typing.get_type_hints(SECTIONS[section])
 
 
-def _suggest(name: str, choices: list[str]) -> str:
+def _suggest(name: str, choices: list[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(sorted(choices))}"
+    return f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid: {', '.join(sorted(choices))}"
 
 
 def coerce(key: str, value: Any, from_string: bool = False) -> Any:
@@ -212,7 +212,7 @@ def apply(cfg: Config, overrides: dict[str, Any], from_string: bool = False) -> 
             raise ConfigError(f"unknown config section in '{key}'" + _suggest(section, list(SECTIONS)))
         valid = list(fields_of(section))
         if name not in valid:
-            raise ConfigError(f"unknown config key '{key}'" + _suggest(name, valid).replace("'", f"'{section}.", 1))
+            raise ConfigError(f"unknown config key '{key}'" + _suggest(name, valid, prefix=f"{section}."))
         setattr(getattr(cfg, section), name, coerce(key, value, from_string))
     return cfg
 

@@ -67,7 +67,8 @@ class LMTask:
     def __init__(self, dataset: Dataset, block_size: int) -> None:
         self.dataset = dataset
         self.block_size = block_size
-        self.splits = {name: dataset.split(name) for name in ("train", "val", "test")}
+        # the test split is opened only when asked for: training never reads it
+        self.splits = {name: dataset.split(name) for name in ("train", "val")}
         for name in ("train", "val"):
             n = len(self.splits[name])
             if n < block_size + 1:
@@ -78,6 +79,8 @@ class LMTask:
 
     def batch(self, split: str, step: int, micro: int, batch_size: int, grad_accum: int, rt: Runtime,
               seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if split not in self.splits:
+            self.splits[split] = self.dataset.split(split)
         data = self.splits[split]
         per_step = batch_size * grad_accum * rt.world_size
         rng = np.random.default_rng([seed, SPLIT_CODE[split], step])
