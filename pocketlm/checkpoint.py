@@ -12,8 +12,6 @@ and `recover()` completes a swap that a crash interrupted, so a killed run never
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,63 +19,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pocketlm import tokenizer as toklib
+from pocketlm.atomic import old_path as _old
 from pocketlm.errors import PocketLMError
 from pocketlm.model import GPT, GPTConfig
 
 FORMAT_VERSION = 1
 # nn.Linear stores (out, in); HF GPT-2's Conv1D stores (in, out): these four are transposed on the way
 TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-# ---- atomic file and folder writes -------------------------------------------------------------------
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _old(path: Path) -> Path:
-    return path.with_name(f".{path.name}.old")
-
-
-def recover(path: str | Path) -> None:
-    """Finish a folder swap that was interrupted between its two renames."""
-    path = Path(path)
-    old = _old(path)
-    if old.exists():
-        if path.exists():
-            shutil.rmtree(old)  # the swap completed; only the cleanup was missed
-        else:
-            os.replace(old, path)  # the new folder never arrived: the previous one is still whole
-
-
-def replace_dir(tmp: Path, dst: Path) -> None:
-    """Move a fully written folder `tmp` to `dst`, replacing what was there."""
-    recover(dst)
-    _fsync_dir(tmp)
-    if dst.exists():
-        os.replace(dst, _old(dst))
-        os.replace(tmp, dst)
-        shutil.rmtree(_old(dst))
-    else:
-        os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
 
 
 # ---- the Hugging Face layout --------------------------------------------------------------------------

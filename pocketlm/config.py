@@ -274,7 +274,7 @@ def from_dict(tree: dict[str, Any]) -> Config:
 
 
 def save_yaml(cfg: Config, path: Path) -> None:
-    from pocketlm.checkpoint import atomic_write_text
+    from pocketlm.atomic import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

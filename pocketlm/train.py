@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pocketlm import atomic
 from pocketlm import checkpoint as ckpt
 from pocketlm import config as configlib
 from pocketlm import parallel
@@ -133,9 +134,9 @@ class MetricsLog:
         self.path = path
         if keep_until is not None and path.exists():
             kept = [ln for ln in path.read_text().splitlines() if _step_of(ln) <= keep_until]
-            ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+            atomic.atomic_write_text(path, "".join(ln + "\n" for ln in kept))
         elif keep_until is None:
-            ckpt.atomic_write_text(path, "")
+            atomic.atomic_write_text(path, "")
         self.f = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -152,7 +153,7 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool, write: bool) -> No
         raise PocketLMError(f"--out {out} is a file, not a run folder")
     if resume:
         if write:
-            ckpt.recover(out / "last")
+            atomic.recover(out / "last")
         if not (out / "last" / "trainer_state.json").is_file() and not (out / ".last.old").is_dir():
             raise PocketLMError(f"nothing to resume in {out} (no last/ checkpoint); drop --resume to start fresh")
         return
@@ -261,7 +262,7 @@ class Trainer:
             meta = {"step": self.state.step, "tokens": self.state.tokens, "best_val": self.state.best_val,
                     "elapsed": self.state.elapsed, "config": self.cfg.to_dict()}
             ckpt.save_trainer_state(tmp, meta, opt_state, self._rng_state())
-            ckpt.replace_dir(tmp, dst)
+            atomic.replace_dir(tmp, dst)
             for cb in self.callbacks:
                 getattr(cb, "on_checkpoint", lambda *a: None)(self.state.step, dst)
         self._barrier()

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pocketlm import atomic
 from pocketlm import checkpoint as ckpt
 from pocketlm import tokenizer as toklib
 from pocketlm.model import GPT, GPTConfig
@@ -57,11 +58,11 @@ def test_replace_dir_and_recover(tmp_path: Path) -> None:
         tmp = tmp_path / ".last.tmp"
         tmp.mkdir()
         (tmp / "f").write_text(version)
-        ckpt.replace_dir(tmp, dst)
+        atomic.replace_dir(tmp, dst)
         assert (dst / "f").read_text() == version
     # a crash between the two renames: only .last.old exists -> recover brings it back
     dst.rename(tmp_path / ".last.old")
-    ckpt.recover(dst)
+    atomic.recover(dst)
     assert (dst / "f").read_text() == "v2" and not (tmp_path / ".last.old").exists()
 
 
