@@ -160,7 +160,8 @@ def run_nanogpt(nanogpt: Path, text: Path, work: Path, steps: int, eval_interval
 
 # ---- pocketlm -----------------------------------------------------------------------------------------
 
-def run_pocketlm(text: Path, work: Path, steps: int, eval_interval: int, quiet_s: float) -> dict[str, Any]:
+def run_pocketlm(text: Path, work: Path, steps: int, eval_interval: int, quiet_s: float,
+                 extra: tuple[str, ...] = ()) -> dict[str, Any]:
     from pocketlm.checkpoint import load_model
     from pocketlm.data.prepare import Dataset
 
@@ -177,7 +178,7 @@ def run_pocketlm(text: Path, work: Path, steps: int, eval_interval: int, quiet_s
     cmd = [*cli, "train", str(data), "--out", str(run), *shape, "--max-steps", str(steps), "--lr", "1e-3",
            "--train.min_lr", "1e-4", "--train.warmup_steps", "100", "--model.dropout", "0",
            "--model.bias", "false",  # nanoGPT's train.py default: the identical model
-           "--train.eval_interval", str(eval_interval), "--train.eval_steps", "20", "--no-sample"]
+           "--train.eval_interval", str(eval_interval), "--train.eval_steps", "20", "--no-sample", *extra]
     busy = wait_for_quiet(quiet_s)
     proc = timed_run(cmd, work, work / "pocketlm_train.log")
     records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]

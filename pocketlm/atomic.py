@@ -64,10 +64,21 @@ def recover(path: str | Path) -> None:
             os.replace(old, path)  # the new folder never arrived: the previous one is still whole
 
 
+def fsync_tree(path: Path) -> None:
+    """Flush every file under `path` to disk, so a power cut after the rename cannot leave empty files."""
+    for f in sorted(path.rglob("*")):
+        if f.is_file() and not f.is_symlink():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        elif f.is_dir():
+            fsync_dir(f)
+    fsync_dir(path)
+
+
 def replace_dir(tmp: Path, dst: Path) -> None:
     """Move a fully written folder `tmp` to `dst`, replacing what was there."""
     recover(dst)
-    fsync_dir(tmp)
+    fsync_tree(tmp)
     if dst.exists():
         os.replace(dst, old_path(dst))
         os.replace(tmp, dst)
