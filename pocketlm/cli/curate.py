@@ -60,7 +60,32 @@ def register(subs: argparse._SubParsersAction) -> dict[str, Handler]:
     g.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (default: 128)")
     g.add_argument("--shingle", type=int, default=5, help="words per shingle (default: 5)")
     g.add_argument("--seed", type=int, default=1, help="MinHash seed (default: 1)")
-    return {"clean": cmd_clean}
+
+    s = subs.add_parser("split", help="JSONL documents -> train/val/test.jsonl by document or group, leak-checked")
+    s.add_argument("inputs", nargs="+", help="JSONL files of {text, source, meta} documents")
+    s.add_argument("--out", required=True, help="folder for train.jsonl, val.jsonl, test.jsonl and split.json")
+    s.add_argument("--val", type=float, default=0.05, help="share of documents for validation (default: 0.05)")
+    s.add_argument("--test", type=float, default=0.05, help="share of documents for test (default: 0.05)")
+    s.add_argument("--group-by", metavar="KEY",
+                   help="meta key (episode, thread, author; or source) whose groups stay in one split")
+    s.add_argument("--seed", type=int, default=0, help="shuffle seed (default: 0)")
+    s.add_argument("--leak-ngram", type=int, default=13,
+                   help="words in a passage shared by train and val/test that counts as a leak (default: 13)")
+    s.add_argument("--leak", default="fail", help="on a leak: fail (default, exit 2, nothing written), warn or off")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    s.add_argument("--strict", action="store_true", help="stop at the first malformed input line")
+    s.add_argument("--quiet", action="store_true", help="no progress output")
+    return {"clean": cmd_clean, "split": cmd_split}
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from pocketlm.data.split import format_summary, split
+
+    m = split(args.inputs, args.out, val=args.val, test=args.test, group_by=args.group_by, seed=args.seed,
+              leak_ngram=args.leak_ngram, leak=args.leak, overwrite=args.overwrite, strict=args.strict,
+              verbose=not args.quiet)
+    print(format_summary(m, args.out))
+    return 0
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
