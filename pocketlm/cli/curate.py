@@ -75,7 +75,45 @@ def register(subs: argparse._SubParsersAction) -> dict[str, Handler]:
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     s.add_argument("--strict", action="store_true", help="stop at the first malformed input line")
     s.add_argument("--quiet", action="store_true", help="no progress output")
-    return {"clean": cmd_clean, "split": cmd_split}
+
+    r = subs.add_parser("review", help="accept, edit or reject documents in a local web page; export the kept ones")
+    r.add_argument("input", help="JSONL file of {text, source, meta} documents")
+    r.add_argument("--db", help="SQLite file holding the decisions (default: INPUT.review.sqlite)")
+    r.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default: 8765; 0 = any free port)")
+    r.add_argument("--open", action="store_true", help="open the page in the default browser")
+    r.add_argument("--export", metavar="OUT", help="write the accepted (and edited) documents to OUT and exit")
+    return {"clean": cmd_clean, "split": cmd_split, "review": cmd_review}
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from pocketlm.data.review import Review, make_server
+
+    review = Review(args.input, args.db)
+    try:
+        s = review.summary()
+        if args.export:
+            c = review.export(args.export)
+            print(f"exported {c['accepted'] + c['edited']:,} documents ({c['edited']:,} edited) to {args.export}; "
+                  f"{s['rejected']:,} rejected, {s['undecided']:,} undecided not exported")
+            return 0
+        server = make_server(review, args.port)
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        print(f"reviewing {args.input}: {s['total']:,} documents, {s['total'] - s['undecided']:,} decided; "
+              f"decisions are saved to {review.decisions_path} as you make them")
+        print(f"open {url}  (Ctrl-C to stop)", flush=True)
+        if args.open:
+            import webbrowser
+
+            webbrowser.open(url)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            print("\nstopped; run again to continue where you left off")
+        finally:
+            server.server_close()
+    finally:
+        review.close()
+    return 0
 
 
 def cmd_split(args: argparse.Namespace) -> int:
