@@ -1,0 +1,131 @@
+"""pocketlm export: the hf folder + model card, the ONNX decoder against PyTorch, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pocketlm import config as configlib
+from pocketlm import export as exp
+from pocketlm.errors import PocketLMError
+from pocketlm.generate import Engine, SamplingParams
+from tests.test_checkpoint import save_tiny
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture
+def run(tmp_path: Path, char_data: Path) -> Path:
+    """A run folder as training leaves it: config.yaml naming the dataset, metrics.jsonl, best/."""
+    out = tmp_path / "run"
+    save_tiny(out / "best")
+    cfg = configlib.load(overrides={"data.path": str(char_data), "train.out": str(out), "model.n_layer": 2})
+    configlib.save_yaml(cfg, out / "config.yaml")
+    lines = [{"step": 10, "train/loss": 2.5, "lr": 1e-3}, {"step": 20, "val/loss": 2.1},
+             {"step": 30, "train/loss": 1.9, "val/loss": 2.3}]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 4')  # torn line
+    (out / "best" / "trainer_state.json").write_text(json.dumps({"step": 30, "tokens": 960, "best_val": 2.1}))
+    return out
+
+
+def test_hf_folder_and_model_card(run: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "pub"
+    report = exp.export(run, "hf", out)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= names
+    assert not any(n.startswith("trainer_state") for n in names)  # optimizer state stays private
+    card = (out / "README.md").read_text()
+    manifest = json.loads((Path(configlib.load(run / "config.yaml").data.path) / "manifest.json").read_text())
+    assert f"| train | {manifest['splits']['train']['tokens']:,} |" in card  # data, from the manifest
+    assert "| n_layer | 2 |" in card and "| best val/loss | 2.1 |" in card and "| final val/loss | 2.3 |" in card
+    assert "## Intended use" in card and "from_pretrained" in card and "corpus.txt" in card
+    assert report["parameters"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(out).parameters())
+
+
+@pytest.mark.slow
+def test_onnx_matches_pytorch_and_pocketlm_engine(tmp_path: Path) -> None:
+    """fp32 through the KV path: logits within 1e-4 of PyTorch over 200 steps (the window refills 8 times),
+    greedy identical to both transformers and pocketlm's own engine; int8 agreement is measured."""
+    import onnxruntime as ort
+
+    from pocketlm.export import onnx as ox
+
+    save_tiny(tmp_path / "ckpt")
+    report = exp.export(tmp_path / "ckpt", "onnx", tmp_path / "out", quantize="int8", verbose=False)
+    out = tmp_path / "out"
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "onnx/model.onnx", "onnx/model_quantized.onnx"):
+        assert (out / name).is_file(), name
+    fp32, q8 = report["variants"]["fp32"], report["variants"]["q8"]
+    assert fp32["max_abs_diff"] <= 1e-4 and fp32["greedy_identical"] and fp32["argmax_agree"] == 200
+    assert q8["tokens"] == 200 and 0 <= q8["argmax_agree"] <= 200 and q8["max_abs_diff"] > 0  # really quantized
+
+    sess = ort.InferenceSession(str(out / "onnx/model.onnx"))
+    ins = {i.name: i.shape for i in sess.get_inputs()}
+    assert ins["input_ids"] == ["batch_size", "sequence_length"]
+    assert ins["past_key_values.1.value"][0] == "batch_size" and "present.1.key" in [o.name for o in sess.get_outputs()]
+
+    engine = Engine.load(tmp_path / "ckpt", "cpu")
+    prompt = "hello ROMEO:\n"
+    ours = engine.generate(prompt, SamplingParams(max_new_tokens=120, temperature=0, stop_at_eot=False))[0]
+    ids = ox.decode(ox.OrtDecoder(out / "onnx/model.onnx"), engine.tok.encode(prompt), 120, engine.block_size)
+    assert ids == ours.token_ids
+
+
+@pytest.mark.slow
+def test_onnx_llama_layout(tmp_path: Path) -> None:
+    """LlamaForCausalLM (grouped KV heads, rotary positions) exports through the same wrapper."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    save_tiny(tmp_path / "gpt")
+    folder = tmp_path / "llama"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / f).write_bytes((tmp_path / "gpt" / f).read_bytes())
+    v = exp.export(folder, "onnx", tmp_path / "out", verbose=False)["variants"]["fp32"]
+    assert v["max_abs_diff"] <= 1e-4 and v["greedy_identical"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fp16", "q4"])
+def test_onnx_fp16_and_q4_run_in_onnxruntime(tmp_path: Path, kind: str) -> None:
+    save_tiny(tmp_path / "ckpt")
+    r = exp.export(tmp_path / "ckpt", "onnx", tmp_path / "out", quantize=kind, verbose=False, check_tokens=40)
+    v = r["variants"]["fp16" if kind == "fp16" else "q4"]
+    assert (tmp_path / "out" / v["file"]).is_file() and v["tokens"] == 40 and v["argmax_agree"] >= 30
+
+
+def test_refusals(tmp_path: Path) -> None:
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
+    with pytest.raises(PocketLMError, match="BertForMaskedLM model; pocketlm export supports GPT2LMHeadModel"):
+        exp.export(bert, "onnx", tmp_path / "o")
+    save_tiny(tmp_path / "ckpt")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    with pytest.raises(PocketLMError, match="not empty: pass --overwrite"):
+        exp.export(tmp_path / "ckpt", "hf", tmp_path / "busy")
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+    with pytest.raises(PocketLMError, match="--quantize is for onnx and web"):
+        exp.export(tmp_path / "ckpt", "hf", tmp_path / "o", quantize="int8")
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from pocketlm.cli import main
+
+    save_tiny(tmp_path / "ckpt")
+    for args, msg in [(["--format", "hf", "--title", "x"], "--title is a web page option"),
+                      (["--format", "tflite"], "invalid choice")]:
+        assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o"), *args]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "o")]) == 0
+    assert "parameters" in capsys.readouterr().out and (tmp_path / "o" / "README.md").is_file()
