@@ -92,6 +92,19 @@ def test_unicode_repair_and_whitespace(tmp_path):
     assert normalise_whitespace(" a \n\n\n\n b\u00a0\u2003c ") == "a\n\nb c"
 
 
+def test_ascii_fast_path_matches_ftfy():
+    import ftfy
+
+    from pocketlm.data.clean import FTFY_ASCII
+
+    rng = random.Random(0)
+    alphabet = [chr(c) for c in range(32, 127)] + ["\n", "\t", "&", "&amp;", "&#39;", "\r", "\x1b[31m", "<b>"]
+    for _ in range(3000):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        if not FTFY_ASCII.search(s):  # the texts clean passes through untouched
+            assert ftfy.fix_text(s, ftfy.TextFixerConfig(uncurl_quotes=True)) == s, repr(s)
+
+
 def test_simple_words_with_real_word_lists(tmp_path):
     vocab = {w for line in (WORDLISTS / "scowl_level10_simple.txt").read_text().splitlines() for w in words(line)}
     assert simple_share(words("The dog didn't want to eat his food."), vocab) == 1.0

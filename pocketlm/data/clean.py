@@ -34,6 +34,9 @@ CHARSETS = {  # characters outside the class are handled by the policy; \t survi
     "latin1": re.compile(r"[^\t\n\x20-\x7e\xa0-\xff]"),
     "any": re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]"),  # control characters, lone surrogates
 }
+# ASCII text without these has nothing ftfy would change (no mojibake or curly quotes fit in ASCII; ftfy
+# then only unescapes HTML entities, removes control and terminal escapes and fixes \r line breaks)
+FTFY_ASCII = re.compile(r"[&\x00-\x08\x0b-\x1f\x7f]")
 POLICIES = ("drop-char", "replace", "drop-document")
 TRANSLITERATE = ("none", "punct", "latin", "all")
 DEDUPE = ("none", "exact", "near")
@@ -321,7 +324,7 @@ class Cleaner:
     def filter(self, text: str) -> tuple[str, list[str] | None, str | None]:
         """(cleaned text, its words, None) or (text so far, None, reason for removal)."""
         o = self.opts
-        if self.ftfy:
+        if self.ftfy and not (text.isascii() and not FTFY_ASCII.search(text)):
             fixed = self.ftfy.fix_text(text, self.ftfy_config)
             if fixed != text:
                 self.changed["unicode fixed"] += 1

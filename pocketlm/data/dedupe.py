@@ -4,7 +4,8 @@ Exact: a 64-bit hash of the document's case-folded words (punctuation and spacin
 Near: MinHash over word n-gram shingles with locality-sensitive hashing (Broder 1997; the banding scheme
 of Leskovec et al., "Mining of Massive Datasets" ch. 3, as in datasketch's MinHashLSH). The i-th MinHash
 value is min over shingles x of h_i(x) = ((a_i * x + b_i) mod 2^64) >> 32 (multiply-add-shift, a universal
-family for 32-bit x), computed for a whole batch of documents as one numpy matrix. Signatures are cut into
+family for 32-bit x; the minimum is taken over the 64-bit values, whose top halves order the same way),
+computed for a whole batch of documents as one numpy matrix. Signatures are cut into
 `bands` bands of `rows` values; documents sharing a band are candidates, and a candidate counts as a
 duplicate only when the signatures agree on at least `threshold` of their values (the MinHash estimate of
 Jaccard similarity), so band collisions never remove a document on their own. Memory per kept document:
@@ -20,7 +21,6 @@ import numpy as np
 
 from pocketlm.data.ngrams import mix64, ngram_hashes
 
-_MAX32 = np.uint64(0xFFFFFFFF)
 _CHUNK_ROWS = 1 << 16  # signatures are stored in blocks of this many rows
 _BATCH_SHINGLES = 1 << 14  # shingles hashed per numpy matrix: 16k x num_perm x 8 bytes (16 MB at 128)
 
@@ -84,12 +84,16 @@ class MinHasher:
         return ngram_hashes(word_hashes, n) >> np.uint64(32) if n else np.empty(0, np.uint64)
 
     def _permute(self, x: np.ndarray) -> np.ndarray:
+        """(S, num_perm) full 64-bit a*x + b; the caller takes the minimum first and the top 32 bits after
+        (the smallest 64-bit value has the smallest top half), saving a pass over the matrix."""
         with np.errstate(over="ignore"):
-            return (x[:, None] * self.a[None, :] + self.b[None, :]) >> np.uint64(32)  # (S, num_perm)
+            h = np.multiply.outer(x, self.a)
+            h += self.b
+            return h
 
     def signatures(self, shingle_sets: list[np.ndarray]) -> np.ndarray:
         """(D, num_perm) uint32; a document with no shingles gets all 0xFFFFFFFF (and is never matched)."""
-        out = np.full((len(shingle_sets), self.num_perm), _MAX32, dtype=np.uint64)
+        out = np.full((len(shingle_sets), self.num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
         group: list[int] = []
         size = 0
         for i, x in enumerate(shingle_sets):
@@ -105,7 +109,7 @@ class MinHasher:
             group.append(i)
             size += len(x)
         self._group(shingle_sets, group, out)
-        return out.astype(np.uint32)
+        return (out >> np.uint64(32)).astype(np.uint32)
 
     def _group(self, shingle_sets: list[np.ndarray], group: list[int], out: np.ndarray) -> None:
         if not group:
