@@ -43,13 +43,19 @@ class DataConfig:
     """What `prepare` builds and `train` reads."""
 
     path: str = _f("", "prepared dataset folder (written by `pocketlm prepare`)")
-    tokenizer: str = _f("bpe", "'char', 'bpe' (byte-level BPE), or a folder / tokenizer.json to reuse")
+    tokenizer: str = _f("bpe", "'char', 'bpe' (trained here), or one to reuse: a tokenizer or model folder, "
+                               "a tokenizer.json, 'gpt2' or a Hugging Face id")
     vocab_size: int = _f(2048, "BPE vocabulary size, special tokens included")
+    pre_tokenizer: str = _f("byte-level", "BPE word splitting: 'byte-level' (GPT-2), 'metaspace', "
+                                          "'metaspace-punctuation' or 'whitespace-punctuation'")
+    unknown: str = _f("unk", "char-level: characters outside the corpus become 'unk' (<|unk|>) or 'bytes'")
     separator: str = _f(
         "blank-line",
         "how input files split into documents: 'blank-line', 'line', 'file', or a literal string",
     )
     eot_token: str = _f("<|endoftext|>", "special token written after every document")
+    start_token: str = _f("", "special token written before every document, e.g. <|greentext|> (none if empty)")
+    workers: int = _f(0, "processes that encode in parallel (0 = one per CPU core)")
     val_fraction: float = _f(0.1, "share of documents held out for validation (ignored with --val)")
     test_fraction: float = _f(0.0, "share of documents held out for test (ignored with --test)")
     split_seed: int = _f(1337, "seed of the document-level train/val/test split")
@@ -139,6 +145,8 @@ class Config:
             raise ConfigError("data.val_fraction and data.test_fraction must be in [0, 1) and sum below 1")
         if not d.separator or not d.eot_token:
             raise ConfigError("data.separator and data.eot_token must not be empty")
+        if d.start_token == d.eot_token or d.workers < 0:
+            raise ConfigError("data.start_token must differ from data.eot_token, and data.workers must be >= 0")
         if any(not x for x in smp.stop or []):
             raise ConfigError("sample.stop strings must not be empty")
         if t.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -67,7 +67,8 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, content: bytes, message: str
     assert not (tmp_path / "d").exists()
 
 
-def test_missing_input_and_unknown_tokenizer(tmp_path: Path, corpus: Path) -> None:
+def test_missing_input_and_unknown_tokenizer(tmp_path: Path, corpus: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # 'wordpiece' could be a Hugging Face id: look in the cache only
     with pytest.raises(PocketLMError, match="input not found"):
         prepare([tmp_path / "nope.txt"], tmp_path / "d", DataConfig(), verbose=False)
     with pytest.raises(PocketLMError, match="unknown tokenizer 'wordpiece'"):

@@ -56,8 +56,9 @@ def test_bpe_vocab_size_is_respected(bpe: toklib.Tok) -> None:
 
 
 def test_bpe_vocab_below_alphabet_is_refused() -> None:
-    with pytest.raises(PocketLMError, match="below the 256-byte alphabet"):
-        toklib.train_bpe(iter(["abc"]), 100, EOT)
+    # a vocabulary too small for all 256 bytes takes the text's bytes; below even those it is refused
+    with pytest.raises(PocketLMError, match="below the alphabet: the text has 10 distinct bytes"):
+        toklib.train_bpe(iter(["abcdefghij"]), 8, EOT)
 
 
 def test_load_reports_missing_tokenizer(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from pocketlm.errors import PocketLMError
 
 TEXT_SUFFIXES = {".txt", ".md", ".text", ".rst", ""}
+INPUT_SUFFIXES = TEXT_SUFFIXES | {".jsonl", ".ndjson"}  # JSONL: canonical records, one document each
 
 
 def list_files(inputs: list[str | Path]) -> list[Path]:
@@ -23,10 +24,10 @@ def list_files(inputs: list[str | Path]) -> list[Path]:
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in INPUT_SUFFIXES
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
-                raise PocketLMError(f"folder {p} has no text files (.txt, .md, or no extension)")
+                raise PocketLMError(f"folder {p} has no text files (.txt, .md, .jsonl, or no extension)")
             files.extend(found)
         elif p.is_file():
             files.append(p)

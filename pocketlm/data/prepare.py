@@ -1,10 +1,13 @@
-"""`prepare`: text files -> tokenizer + train/val/test token shards + manifest, streaming.
+"""`prepare`: text files and JSONL records -> tokenizer + train/val/test token shards + manifest, streaming.
 
-Pass 1 reads every file once: UTF-8 check, sha256, document count (and the character set for char-level).
-Documents are then assigned to splits by a seeded permutation, so the split is by document and
-reproducible. Pass 2 trains BPE on the train documents only; pass 3 encodes in batches (parallel in Rust)
-and appends to the shards. Memory holds one batch of documents and one byte per document.
-The dataset folder is built under a temp name and renamed into place when complete.
+Inputs are UTF-8 text files (split into documents by the separator) or canonical JSONL records
+(pocketlm/data/records.py: one document per record). Pass 1 reads every file once: UTF-8 check, sha256,
+document count (and the character set for char-level). Documents are then assigned to splits by a seeded
+permutation, so the split is by document and reproducible. Pass 2 trains the tokenizer on the train
+documents only (or loads one); pass 3 encodes in batches (in worker processes through the word-cache
+encoder, pocketlm/fastbpe.py) and appends to the shards: [start token] document <end-of-text>. Memory holds
+a few batches of documents and one byte per document. The dataset folder is built under a temp name and
+renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ import numpy as np
 from pocketlm import tokenizer as toklib
 from pocketlm.config import DataConfig
 from pocketlm.data.documents import check_text_file, file_sha256, iter_documents, list_files
+from pocketlm.data.records import Problems, is_jsonl, read_records
 from pocketlm.data.shards import ShardWriter, open_shard
 from pocketlm.errors import PocketLMError
+from pocketlm.fastbpe import encode_parallel
 from pocketlm.progress import Progress
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
-BATCH_BYTES = 4 << 20  # documents per encode_batch call, by size
+BATCH_BYTES = 1 << 20  # documents per encode task, by size
+PARALLEL_BYTES = 32 << 20  # below this, starting worker processes costs more than it saves
 
 
 @dataclass
@@ -39,9 +45,19 @@ class Source:
     split: str | None = None
 
 
+def _read(src: Source, separator: str, problems: Problems | None = None) -> Iterator[str]:
+    """The documents of one input: JSONL records' texts, or a text file split at the separator."""
+    if is_jsonl(src.path):
+        for rec in read_records([src.path], problems or Problems(show=0)):
+            if rec["text"].strip():
+                yield rec["text"]
+    else:
+        yield from iter_documents(src.path, separator)
+
+
 def _documents(sources: list[Source], separator: str) -> Iterator[tuple[Source, str]]:
     for src in sources:
-        for doc in iter_documents(src.path, separator):
+        for doc in _read(src, separator):
             yield src, doc
 
 
@@ -83,31 +99,39 @@ def prepare(inputs: list[str | Path], out: str | Path, cfg: DataConfig, val: lis
     if out.exists() and not (out / "manifest.json").is_file():
         raise PocketLMError(f"{out} is not a pocketlm dataset folder: --overwrite only replaces datasets; "
                             "choose another --out")
-    if cfg.tokenizer not in toklib.KINDS and not Path(cfg.tokenizer).exists():
-        raise PocketLMError(f"unknown tokenizer {cfg.tokenizer!r}: use 'char', 'bpe', or a folder with tokenizer.json")
     sources = [Source(p) for p in list_files(inputs)]
     sources += [Source(p, "val") for p in list_files(val or [])]
     sources += [Source(p, "test") for p in list_files(test or [])]
     for src in sources:
         if src.path.resolve().is_relative_to(out):
             raise PocketLMError(f"input {src.path} lies inside --out {out}: write the dataset somewhere else")
+    specials = toklib.check_specials([cfg.eot_token] + ([cfg.start_token] if cfg.start_token else []))
+    loaded = None
+    if cfg.tokenizer not in toklib.KINDS:  # fail on a bad tokenizer before reading the corpus
+        try:
+            loaded = toklib.load(cfg.tokenizer)
+        except PocketLMError as e:
+            raise PocketLMError(f"unknown tokenizer {cfg.tokenizer!r}: use 'char', 'bpe', a folder with tokenizer "
+                                f"files, 'gpt2' or a Hugging Face id ({e})") from None
     t0 = time.perf_counter()
 
     # pass 1: validate, hash, count documents (and collect characters for char-level)
     total_bytes = sum(s.path.stat().st_size for s in sources)
     bar = Progress("scan", total_bytes, "B", enabled=verbose)
     counts, chars, inputs_meta = [], set(), []
+    problems = Problems(show=5 if verbose else 0)  # malformed JSONL lines: warned about, counted, skipped
     for src in sources:
         check_text_file(src.path)
         n = 0
-        for doc in iter_documents(src.path, cfg.separator):
+        for doc in _read(src, cfg.separator, problems):
             n += 1
             if cfg.tokenizer == "char":
                 chars.update(doc)
-            if cfg.eot_token in doc:
-                raise PocketLMError(f"--data.eot_token {cfg.eot_token!r} occurs in {src.path}: it would end documents "
-                                    "mid-text; pick a string that never occurs in the text, or use it as "
-                                    "--data.separator")
+            for sp in specials:
+                if sp in doc:
+                    raise PocketLMError(f"special token {sp!r} occurs in {src.path}: it would end or start documents "
+                                        "mid-text; pick a string that never occurs in the text"
+                                        + (", or use it as --data.separator" if sp == cfg.eot_token else ""))
         counts.append(n)
         size = src.path.stat().st_size
         inputs_meta.append({"path": str(src.path), "bytes": size, "sha256": file_sha256(src.path),
@@ -120,42 +144,51 @@ def prepare(inputs: list[str | Path], out: str | Path, cfg: DataConfig, val: lis
 
     # pass 2: the tokenizer
     if cfg.tokenizer == "char":
-        tk = toklib.train_char(["".join(sorted(chars))], cfg.eot_token)
+        tk = toklib.train_char(["".join(sorted(chars))], cfg.eot_token, unknown=cfg.unknown, specials=specials[1:])
     elif cfg.tokenizer == "bpe":
         def train_docs() -> Iterator[str]:
             for i, (_, doc) in enumerate(_documents(sources, cfg.separator)):
                 if split[i] == 0:
                     yield doc
-        tk = toklib.train_bpe(train_docs(), cfg.vocab_size, cfg.eot_token)
+        tk = toklib.train_bpe(train_docs(), cfg.vocab_size, cfg.eot_token, pre=cfg.pre_tokenizer,
+                              specials=specials[1:])
     else:
-        tk = toklib.load(cfg.tokenizer).tk
-    specials = {t.content for t in tk.get_added_tokens_decoder().values()}
-    if tk.token_to_id(cfg.eot_token) is None:
-        tk.add_special_tokens([cfg.eot_token])
-    elif cfg.eot_token not in specials or cfg.eot_token == toklib.UNK:
-        raise PocketLMError(f"--data.eot_token {cfg.eot_token!r} is already an ordinary token of this vocabulary; "
-                            "pick a string that never occurs in the text, such as <|endoftext|>")
+        tk = loaded.tk
+    _add_specials(tk, specials)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    toklib.save(tk, tmp, cfg.eot_token)
+    toklib.save(tk, tmp, cfg.eot_token, pad_token=loaded.pad_token if loaded else None)
     tok = toklib.load(tmp)
 
     # pass 3: encode and write shards
     writers = {name: ShardWriter(tmp / f"{name}.bin", tok.vocab_size) for name in SPLITS}
+    start_id = tok.tk.token_to_id(cfg.start_token) if cfg.start_token else None
     bar = Progress("encode", total_bytes, "B", enabled=verbose)
-    try:
-        batch: list[tuple[int, str]] = []
+    sizes: list[int] = []
+    workers = cfg.workers or len(os.sched_getaffinity(0))
+    workers = workers if total_bytes >= PARALLEL_BYTES else 1
+
+    def batches() -> Iterator[list[str]]:
+        batch: list[str] = []
         size = 0
-        for i, (_, doc) in enumerate(_documents(sources, cfg.separator)):
-            batch.append((i, doc))
+        for _, doc in _documents(sources, cfg.separator):
+            batch.append(doc)
             size += len(doc)
             if size >= BATCH_BYTES:
-                _encode_batch(batch, split, tok, writers)
-                bar.update(size)
+                sizes.append(size)
+                yield batch
                 batch, size = [], 0
-        _encode_batch(batch, split, tok, writers)
-        bar.update(size)
+        if batch:
+            sizes.append(size)
+            yield batch
+    try:
+        first = 0
+        # documents are plain text: a special token's string in them was refused above
+        for flat, lengths in encode_parallel(tok, batches(), workers, ordinary=True):
+            _write_batch(flat, lengths, split[first:first + len(lengths)], writers, start_id, tok.eot_id)
+            first += len(lengths)
+            bar.update(sizes.pop(0))
         for w in writers.values():
             w.close()
     except BaseException:
@@ -165,17 +198,20 @@ def prepare(inputs: list[str | Path], out: str | Path, cfg: DataConfig, val: lis
         raise
     bar.close()
 
+    kind = cfg.tokenizer if cfg.tokenizer in toklib.KINDS else "loaded"
     manifest = {
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "tokenizer": {"kind": cfg.tokenizer if cfg.tokenizer in toklib.KINDS else "loaded",
-                      "source": None if cfg.tokenizer in toklib.KINDS else str(cfg.tokenizer),
-                      "vocab_size": tok.vocab_size, "eot_token": cfg.eot_token, "eot_id": tok.eot_id},
+        "tokenizer": {"kind": kind, "source": None if kind != "loaded" else str(cfg.tokenizer),
+                      "pre_tokenizer": cfg.pre_tokenizer if kind == "bpe" else None,
+                      "vocab_size": tok.vocab_size, "eot_token": cfg.eot_token, "eot_id": tok.eot_id,
+                      "start_token": cfg.start_token or None, "start_id": start_id},
         "separator": cfg.separator, "split_seed": cfg.split_seed,
         "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction,
         "splits": {name: {"tokens": w.n_tokens, "documents": w.n_docs,
                           "dtype": w.dtype.name} for name, w in writers.items()},
         "inputs": inputs_meta,
+        "skipped": dict(problems.counts),
         "seconds": round(time.perf_counter() - t0, 2),
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -190,15 +226,38 @@ def prepare(inputs: list[str | Path], out: str | Path, cfg: DataConfig, val: lis
     return manifest
 
 
-def _encode_batch(batch: list[tuple[int, str]], split: np.ndarray, tok: toklib.Tok,
-                  writers: dict[str, ShardWriter]) -> None:
-    if not batch:
+def _add_specials(tk, specials: list[str]) -> None:
+    """Register the special tokens a tokenizer lacks; refuse one that is already an ordinary token."""
+    have = {t.content for t in tk.get_added_tokens_decoder().values() if t.special}
+    for sp in specials:
+        if tk.token_to_id(sp) is None:
+            tk.add_special_tokens([sp])
+        elif sp not in have or sp == toklib.UNK:
+            raise PocketLMError(f"special token {sp!r} is already an ordinary token of this vocabulary; "
+                                "pick a string that never occurs in the text, such as <|endoftext|>")
+
+
+def _write_batch(flat: np.ndarray, lengths: np.ndarray, split: np.ndarray, writers: dict[str, ShardWriter],
+                 start_id: int | None, eot_id: int) -> None:
+    """Append each document as [start] ids <eot> to its split's shard (vectorised: one write per split)."""
+    if not len(lengths):
         return
-    ids = tok.encode_batch([doc for _, doc in batch])
-    for (i, _), doc_ids in zip(batch, ids):
-        w = writers[SPLITS[split[i]]]
-        w.write(doc_ids, docs=1)
-        w.write([tok.eot_id])  # every document ends with end-of-text, so samples learn where texts stop
+    extra = 1 + (start_id is not None)
+    seg = lengths + extra
+    ends = np.cumsum(seg)
+    out = np.empty(int(ends[-1]), dtype=np.uint32)
+    is_token = np.ones(len(out), dtype=bool)
+    out[ends - 1] = eot_id  # every document ends with end-of-text, so samples learn where texts stop
+    is_token[ends - 1] = False
+    if start_id is not None:
+        out[ends - seg] = start_id
+        is_token[ends - seg] = False
+    out[is_token] = flat
+    owner = np.repeat(split, seg)
+    for k, name in enumerate(SPLITS):
+        docs = int((split == k).sum())
+        if docs:
+            writers[name].write(out[owner == k] if docs < len(split) else out, docs=docs)
 
 
 class Dataset:
