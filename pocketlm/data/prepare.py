@@ -107,7 +107,11 @@ def prepare(inputs: list[str | Path], out: str | Path, cfg: DataConfig, val: lis
             raise PocketLMError(f"input {src.path} lies inside --out {out}: write the dataset somewhere else")
     specials = toklib.check_specials([cfg.eot_token] + ([cfg.start_token] if cfg.start_token else []))
     loaded = None
-    if cfg.tokenizer not in toklib.KINDS:  # fail on a bad tokenizer before reading the corpus
+    if cfg.tokenizer == "bpe":
+        toklib.bpe_pre_tokenizer(cfg.pre_tokenizer)  # a bad name fails before the corpus is read
+    elif cfg.tokenizer == "char" and cfg.unknown not in toklib.UNKNOWN_POLICIES:
+        raise PocketLMError(f"--data.unknown {cfg.unknown!r}: use one of {', '.join(toklib.UNKNOWN_POLICIES)}")
+    elif cfg.tokenizer not in toklib.KINDS:  # fail on a bad tokenizer before reading the corpus
         try:
             loaded = toklib.load(cfg.tokenizer)
         except PocketLMError as e:
