@@ -316,15 +316,16 @@ def _from_transformers(name: str) -> Tok:
         try:  # the local cache first: offline, the hub is retried for about a minute
             fast = AutoTokenizer.from_pretrained(name, local_files_only=True)
         except Exception:
-            if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            # only an `owner/name` id goes to the hub: a bare word is more likely a typo than a legacy id
+            if "/" not in name or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
                 raise
             print(f"looking up {name!r} on the Hugging Face hub...", file=sys.stderr)
             fast = AutoTokenizer.from_pretrained(name)
         tk = fast.backend_tokenizer
     except Exception as e:
         raise PocketLMError(f"could not load a tokenizer from {name!r} ({type(e).__name__}): give a folder with "
-                            "tokenizer.json or vocab.json+merges.txt, or a Hugging Face id that is cached or "
-                            "reachable") from None
+                            "tokenizer.json or vocab.json+merges.txt, or a Hugging Face id (owner/name) that is "
+                            "cached or reachable") from None
     return Tok(tk, fast.eos_token, fast.pad_token)
 
 
