@@ -21,15 +21,18 @@ def register(subs: argparse._SubParsersAction) -> dict[str, Handler]:
     q.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     add_config_flags(q, ["model", "train", "sample"], skip={"train.out"})
 
-    p = subs.add_parser("prepare", help="text files -> tokenizer + train/val/test token shards", formatter_class=fmt)
-    p.add_argument("inputs", nargs="+", help="text files or folders (UTF-8)")
+    p = subs.add_parser("prepare", help="text files or JSONL records -> tokenizer + train/val/test token shards",
+                        formatter_class=fmt)
+    p.add_argument("inputs", nargs="+", help="text files, folders or JSONL record files (UTF-8)")
     p.add_argument("--out", required=True, help="dataset folder to write")
     p.add_argument("--val", action="append", default=[], metavar="FILE", help="held-out validation file(s)")
     p.add_argument("--test", action="append", default=[], metavar="FILE", help="held-out test file(s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     p.add_argument("--config", help="YAML file whose data section sets the defaults")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    add_config_flags(p, ["data"], skip={"data.path"})
+    add_config_flags(p, ["data"], skip={"data.path"},
+                     extra_aliases={"data.start_token": ["--start-token"], "data.pre_tokenizer": ["--pre"],
+                                    "data.workers": ["--workers"], "data.eot_token": ["--eot-token"]})
 
     t = subs.add_parser("train", help="train a GPT on a prepared dataset", formatter_class=fmt)
     t.add_argument("data", nargs="?", help="prepared dataset folder (or set data.path in --config)")

@@ -55,6 +55,15 @@ def _read(src: Source, separator: str, problems: Problems | None = None) -> Iter
         yield from iter_documents(src.path, separator)
 
 
+def read_corpus(inputs: list[str | Path], separator: str = "blank-line", problems: Problems | None = None
+                ) -> Iterator[str]:
+    """The documents of text files, folders and JSONL files, in order (what `prepare` reads)."""
+    for path in list_files(inputs):
+        if not is_jsonl(path):
+            check_text_file(path)
+        yield from _read(Source(path), separator, problems)
+
+
 def _documents(sources: list[Source], separator: str) -> Iterator[tuple[Source, str]]:
     for src in sources:
         for doc in _read(src, separator):
