@@ -1,0 +1,88 @@
+"""The web export in real headless Chromium: greedy text equals Python's, and no request leaves the folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pocketlm import checkpoint as ckpt
+from pocketlm import export as exp
+from pocketlm import tokenizer as toklib
+from pocketlm.errors import PocketLMError
+from pocketlm.export import web
+from pocketlm.generate import Engine, SamplingParams
+from pocketlm.model import GPT, GPTConfig
+from tests.conftest import make_corpus
+
+pytest.importorskip("onnxruntime")
+PROMPT = "the dog ran to"
+
+
+@pytest.fixture(scope="session")
+def npm_modules() -> Path:
+    """The pinned runtime, installed from the npm registry once per machine (then read from the cache)."""
+    return web.npm_install(web.NPM_PINS, verbose=False)
+
+
+def bpe_model(folder: Path, tmp: Path) -> None:
+    """A random-init GPT with a byte-level BPE tokenizer: the tokenizer the browser must reproduce exactly."""
+    text = make_corpus(tmp / "text").read_text()
+    tk = toklib.train_bpe(iter([text]), 300, "<|endoftext|>")
+    toklib.save(tk, tmp / "tok", "<|endoftext|>")
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(vocab_size=tk.get_vocab_size(), block_size=32, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():  # large random weights: a chaotic model whose greedy text depends on all its context
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.35)
+    ckpt.save_model(model, folder, tmp / "tok", tk.token_to_id("<|endoftext|>"),
+                    {"temperature": 0.7, "top_k": 20, "max_new_tokens": 50})
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_page_generates_python_greedy_text_offline(tmp_path: Path, npm_modules: Path) -> None:
+    from pocketlm.export.browser import Page
+
+    bpe_model(tmp_path / "ckpt", tmp_path)
+    site = tmp_path / "site"
+    report = exp.export(tmp_path / "ckpt", "web", site, model_id="tiny-bpe", title="Tiny <test>",
+                        default_prompt=PROMPT, verbose=False, check_tokens=40)
+    assert report["runtime_bytes"] > report["model_bytes"] > 0 and report["gzip_bytes"] < 20e6
+    info = json.loads((site / "pocketlm.json").read_text())
+    assert info["model"]["file"] == "onnx/model.onnx" and info["prompt"] == PROMPT
+    assert "Tiny &lt;test&gt;" in (site / "index.html").read_text()
+
+    engine = Engine.load(tmp_path / "ckpt", "cpu")
+    # 70 tokens through a 32-token window: the page must refill its cache exactly like the Python engine
+    ref = engine.generate(PROMPT, SamplingParams(max_new_tokens=70, temperature=0))[0]
+    expected = ref.text  # chaotic bytes, invalid UTF-8 included: the browser must decode them the same way
+    with Page(site) as page:
+        page.open()
+        text, stats = page.generate(PROMPT, max_new_tokens=70, temperature=0)
+        assert text == expected and stats["new_tokens"] == len(ref.token_ids) == 70
+        # top-k 1 and a tiny top-p leave one candidate: sampling must reduce to greedy
+        assert page.generate(PROMPT, max_new_tokens=70, temperature=1.0, top_k=1)[0] == expected
+        assert page.generate(PROMPT, max_new_tokens=70, temperature=1.0, top_p=0.001, seed=1)[0] == expected
+        sampled = page.generate(PROMPT, max_new_tokens=30, temperature=1.0, seed=7)[0]
+        assert sampled == page.generate(PROMPT, max_new_tokens=30, temperature=1.0, seed=7)[0]  # seeded
+        # the page's own controls: streamed output and a tokens/s line
+        page.page.fill("#max_new_tokens", "20")
+        page.page.click("#go")
+        page.page.wait_for_function("document.getElementById('msg').textContent.includes('tokens/s after')")
+        assert page.page.inner_text("#out").startswith(PROMPT)
+        assert page.blocked == [], page.blocked
+        assert not [c for c in page.console if c.startswith(("error", "pageerror"))], page.console
+
+
+def test_missing_npm_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(web.shutil, "which", lambda name: None)
+    with pytest.raises(PocketLMError, match="needs Node.js and npm.*install Node"):
+        web.npm_install({"onnxruntime-web": "1.30.0"}, tmp_path / "empty-cache", verbose=False)
+    with pytest.raises(PocketLMError, match="--model-id"):
+        bpe_model(tmp_path / "ckpt", tmp_path)
+        exp.export(tmp_path / "ckpt", "web", tmp_path / "site", model_id="../up", verbose=False)
+    assert not (tmp_path / "site").exists()
