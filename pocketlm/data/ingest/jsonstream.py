@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import codecs
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 CHUNK = 1 << 20
@@ -133,3 +133,39 @@ def iter_array(f: IO[bytes], key: str | None = None, header: dict | None = None)
             header[k] = v
     raise JSONStreamError(s.line(), "no array found",
                           f"expected a list of rows{f' under {key!r}' if key else ''}")
+
+
+def iter_lines(chunks: Iterable[bytes]) -> Iterator[tuple[int, str | None, str]]:
+    """(line number, text, error) of newline-separated UTF-8, from byte chunks cut anywhere.
+
+    Lines are decoded a chunk at a time (one C call instead of one per line, which `json.loads` on bytes
+    would otherwise do with its encoding sniffing); a chunk with a bad byte is redone line by line, so
+    only the bad line comes back as (n, None, "bad byte 0x..").
+    """
+    lineno, tail = 0, b""
+    for data in chunks:
+        lines = (tail + data).split(b"\n")
+        tail = lines.pop()
+        yield from _decode(lines, lineno)
+        lineno += len(lines)
+    if tail.strip():
+        yield from _decode([tail], lineno)
+
+
+def _decode(lines: list[bytes], start: int) -> Iterator[tuple[int, str | None, str]]:
+    try:
+        text = b"\n".join(lines).decode("utf-8")
+    except UnicodeDecodeError:
+        for i, raw in enumerate(lines, start + 1):
+            try:
+                yield i, raw.decode("utf-8"), ""
+            except UnicodeDecodeError as e:
+                yield i, None, f"bad byte {raw[e.start]:#04x} at column {e.start + 1}"
+        return
+    for i, line in enumerate(text.split("\n"), start + 1):
+        yield i, line, ""
+
+
+def file_chunks(f: IO[bytes], size: int = CHUNK) -> Iterator[bytes]:
+    while data := f.read(size):
+        yield data

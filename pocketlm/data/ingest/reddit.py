@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pocketlm.data.ingest.jsonstream import iter_lines
 from pocketlm.data.records import Record
 from pocketlm.errors import PocketLMError
 
@@ -22,15 +23,16 @@ MAX_WINDOW = 2**31
 GONE = {"", "[removed]", "[deleted]"}
 
 
-def zst_lines(path: Path, ctx) -> Iterator[tuple[int, bytes]]:
-    """(line number, line) of a zstd-compressed text file, frame after frame; damage is reported."""
+def zst_chunks(path: Path, ctx, state: dict) -> Iterator[bytes]:
+    """Decompressed chunks of a zstd file, frame after frame; a corrupt or truncated file is reported,
+    naming how many lines (`state["lines"]`, kept up to date by the caller) came out before the damage,
+    and `state["damaged"]` is set so that the caller drops the cut-off last line."""
     try:
         import zstandard
     except ImportError:
         raise PocketLMError("reading .zst dumps needs zstandard: pip install 'pocketlm[data]'") from None
     dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
-    dobj, in_frame = dctx.decompressobj(), False
-    tail, lineno, size = b"", 0, path.stat().st_size
+    dobj, in_frame, size = dctx.decompressobj(), False, path.stat().st_size
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             out = []
@@ -42,23 +44,19 @@ def zst_lines(path: Path, ctx) -> Iterator[tuple[int, bytes]]:
                     if dobj.eof:
                         dobj = dctx.decompressobj()  # the next frame, if any
             except zstandard.ZstdError as e:
-                ctx.problems.report(f"{path}:{lineno + 1}", "corrupt .zst",
-                                    f"{e}; {lineno:,} lines read before it, the rest skipped")
+                yield b"".join(out)
+                state["damaged"] = True
+                ctx.problems.report(f"{path}:{state['lines'] + 1}", "corrupt .zst",
+                                    f"{e}; {state['lines']:,} lines read before it, the rest skipped")
                 return
-            lines = (tail + b"".join(out)).split(b"\n")
-            tail = lines.pop()
-            for line in lines:
-                lineno += 1
-                yield lineno, line
+            yield b"".join(out)
             ctx.extra = f"{path.name} {f.tell() / max(size, 1):.0%}"
             ctx.progress.update(0, ctx.extra)
     if in_frame:
-        ctx.problems.report(f"{path}:{lineno + 1}", "truncated .zst",
-                            f"the file ends inside a frame (an interrupted download?); {lineno:,} lines read "
-                            "before the cut were kept")
-        return
-    if tail.strip():
-        yield lineno + 1, tail
+        state["damaged"] = True
+        ctx.problems.report(f"{path}:{state['lines'] + 1}", "truncated .zst",
+                            f"the file ends inside a frame (an interrupted download?); {state['lines']:,} lines "
+                            "read before the cut were kept")
 
 
 def _number(obj: dict, key: str) -> float | None:
@@ -117,14 +115,18 @@ def to_record(obj: dict[str, Any], opts, ctx) -> Record | None:
 def read(item: str, ctx, fmt: str = "reddit") -> Iterator[Record]:
     path = Path(item)
     ctx.state.setdefault("subreddits", {s.lower().removeprefix("r/") for s in ctx.opts.subreddit})
-    for lineno, line in zst_lines(path, ctx):
+    state = {"lines": 0, "damaged": False}
+    for lineno, line, bad in iter_lines(zst_chunks(path, ctx, state)):
+        if state["damaged"]:
+            break  # only the half line cut by the damage is left
+        state["lines"] = lineno
+        if line is None:
+            ctx.problems.report(f"{path}:{lineno}", "not UTF-8", bad)
+            continue
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-        except UnicodeDecodeError:
-            ctx.problems.report(f"{path}:{lineno}", "not UTF-8")
-            continue
         except json.JSONDecodeError as e:
             ctx.problems.report(f"{path}:{lineno}", "malformed JSON", e.msg)
             continue

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pocketlm.data.ingest import unescape
-from pocketlm.data.ingest.jsonstream import JSONStreamError, iter_array
+from pocketlm.data.ingest.jsonstream import JSONStreamError, file_chunks, iter_array, iter_lines
 from pocketlm.data.records import Record
 from pocketlm.errors import PocketLMError
 
@@ -104,15 +104,15 @@ def read(item: str, ctx, fmt: str) -> Iterator[Record]:
 
 def _jsonl(path: Path, tpl: RowTemplate, ctx) -> Iterator[Record]:
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
+        for lineno, line, bad in iter_lines(file_chunks(f)):
             where = f"{path}:{lineno}"
-            try:
-                row = json.loads(raw)
-            except UnicodeDecodeError:
-                ctx.problems.report(where, "not UTF-8")
+            if line is None:
+                ctx.problems.report(where, "not UTF-8", bad)
                 continue
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.lstrip("\ufeff") if lineno == 1 else line)
             except json.JSONDecodeError as e:
                 ctx.problems.report(where, "malformed JSON", e.msg)
                 continue
