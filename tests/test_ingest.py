@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import threading
 import time
@@ -198,7 +199,8 @@ def test_html_urls_polite_fetching(site, tmp_path, capsys):
     assert site.hits("/robots.txt") == 1 and site.hits("/flaky.html") == 2  # one 503, one retry
     assert all(ua.startswith("pocketlm/") for _, _, ua in site.log)
     times = [t for _, t, _ in site.log]
-    assert min(b - a for a, b in zip(times, times[1:])) >= 0.1  # the per-host rate limit (0.15 s, less jitter)
+    # the per-host rate limit: 0.15 s between requests (checked over the span: one late arrival is not a miss)
+    assert times[-1] - times[0] >= (len(times) - 1) * 0.15 - 0.1
     assert "prose.html: no matching table (no table with speaker, line)" in capsys.readouterr().err
     # second run: every page from the on-disk cache, not one request
     before = len(site.log)
@@ -409,7 +411,8 @@ def test_cli_summary_and_errors(tmp_path, capsys):
     p.write_text("one\n\ntwo\n")
     out = tmp_path / "o.jsonl"
     assert main(["ingest", str(p), "--out", str(out), "--quiet"]) == 0
-    assert capsys.readouterr().out.strip() == f"ingested 2 documents from 1 inputs (text 1) -> {out} in 0.0s"
+    assert re.fullmatch(rf"ingested 2 documents from 1 inputs \(text 1\) -> {re.escape(str(out))} in \d+\.\ds",
+                        capsys.readouterr().out.strip())
     for argv, msg in [
         ([str(tmp_path / "nope.txt")], "input not found"),
         ([str(p), "--gap", "soon"], "cannot read duration 'soon'"),

@@ -239,7 +239,8 @@ def ingest(inputs: list[str], out: str | Path, opts: IngestOptions | None = None
         client = ctx.state.get("fetcher")
         if client is not None:
             client.close()
-    bar.close()
+    if bar.last_draw > bar.start:  # a progress line was shown: finish it; short runs print only the summary
+        bar.close()
     summary.documents = w.count
     summary.inputs.update(fmt for fmt, _ in items)
     summary.problems = problems.counts
