@@ -78,6 +78,8 @@ def test_canonical_records_round_trip(tmp_path):
     out = tmp_path / "out.jsonl"
     run([p], out)
     assert list(read_records([out])) == [{"text": "t", "source": "orig", "meta": {"a": 1}}]
+    s = run([str(tmp_path / "*.jsonl")], out)  # the glob now matches the output too: it is not read back
+    assert s.documents == 1 and s.filtered == {"the output file itself": 1}
 
 
 def test_json_array_streams_across_chunks_and_reports_lines(tmp_path, monkeypatch):
@@ -138,7 +140,7 @@ def script_page(title: str, rows: list[tuple[str, str]], header=("Speaker", "Lin
 class Site:
     """A tiny site on 127.0.0.1 that logs every request (path, time, User-Agent)."""
 
-    def __init__(self, pages: dict[str, tuple[int, str]], flaky: dict[str, int]) -> None:
+    def __init__(self, pages: dict[str, tuple], flaky: dict[str, int]) -> None:
         self.pages, self.flaky, self.log = pages, dict(flaky), []
         site = self
 
@@ -147,12 +149,12 @@ class Site:
                 site.log.append((self.path, time.monotonic(), self.headers.get("User-Agent", "")))
                 if site.flaky.get(self.path, 0) > 0:
                     site.flaky[self.path] -= 1
-                    status, body = 503, "busy"
+                    status, body, charset = 503, "busy", "utf-8"
                 else:
-                    status, body = site.pages.get(self.path, (404, "not found"))
-                data = body.encode()
+                    status, body, charset = (*site.pages.get(self.path, (404, "not found")), "utf-8")[:3]
+                data = body.encode(charset)
                 self.send_response(status)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Type", f"text/html; charset={charset}")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -175,6 +177,7 @@ def site():
         "/ep1.html": (200, script_page("Episode 1", [("Bob", "Hello there."), ("Amy", "Hi <b>Bob</b>!")])),
         "/ep2.html": (200, script_page("Episode 2", [("AMY", "Again?")], header=("speaker", "LINE"))),
         "/flaky.html": (200, script_page("Flaky", [("Cal", "Made it.")])),
+        "/latin1.html": (200, script_page("Café", [("Zoë", "Très bien.")]), "iso-8859-1"),
         "/private/ep3.html": (200, script_page("Secret", [("Eve", "Shh.")])),
         "/prose.html": (200, "<html><body><article><p>" + "Just prose, no table. " * 10 + "</p></article></body></html>"),
     }
@@ -186,14 +189,15 @@ def site():
 
 
 def test_html_urls_polite_fetching(site, tmp_path, capsys):
-    urls = [f"{site.url}/{p}" for p in ("ep1.html", "ep2.html", "flaky.html", "private/ep3.html", "prose.html",
-                                        "missing.html")]
+    urls = [f"{site.url}/{p}" for p in ("ep1.html", "ep2.html", "flaky.html", "latin1.html", "private/ep3.html",
+                                        "prose.html", "missing.html")]
     out, cache = tmp_path / "scripts.jsonl", tmp_path / "cache"
     opts = dict(html_table="{speaker}: {line}", cache=str(cache), rate=0.15, backoff=0.01)
     s = run(urls, out, **opts)
     recs = list(read_records([out]))
-    assert [r["text"] for r in recs] == ["Bob: Hello there.\nAmy: Hi Bob!", "AMY: Again?", "Cal: Made it."]
-    assert recs[0]["source"] == urls[0] and recs[0]["meta"] == {"url": urls[0], "rows": 2}
+    assert [r["text"] for r in recs] == ["Bob: Hello there.\nAmy: Hi Bob!", "AMY: Again?", "Cal: Made it.",
+                                         "Zoë: Très bien."]  # the header's charset, not UTF-8
+    assert recs[0]["source"] == urls[0] and recs[0]["meta"] == {"url": urls[0], "title": "Episode 1", "rows": 2}
     assert s.problems == {"disallowed by robots.txt": 1, "no matching table": 1, "HTTP 404": 1}
     assert site.hits("/private/ep3.html") == 0  # robots.txt honoured: never asked for
     assert site.hits("/robots.txt") == 1 and site.hits("/flaky.html") == 2  # one 503, one retry
@@ -219,6 +223,12 @@ def test_retries_give_up_after_the_limit(site, tmp_path):
     s = run([f"{site.url}/ep1.html", f"{site.url}/ep2.html"], tmp_path / "o.jsonl", html_table="{speaker}: {line}",
             cache=str(tmp_path / "c"), rate=0, retries=2, backoff=0.01)
     assert s.problems == {"HTTP 503": 1} and site.hits("/ep1.html") == 3 and s.documents == 1
+    # robots.txt failing with 5xx: nothing is fetched from that host (RFC 9309), and nothing is cached
+    site.flaky["/robots.txt"] = 10
+    with pytest.raises(PocketLMError, match="robots.txt unreachable"):
+        run([f"{site.url}/ep2.html"], tmp_path / "o2.jsonl", html_table="{speaker}: {line}", cache=str(tmp_path / "c2"),
+            rate=0, retries=1, backoff=0.01)
+    assert site.hits("/robots.txt") == 1 + 2 and site.hits("/ep2.html") == 1
 
 
 def test_html_files_and_glob(tmp_path):
@@ -249,7 +259,10 @@ def discord_export(path: Path) -> Path:
     return path
 
 
-def test_discord_conversations_by_gap(tmp_path):
+def test_discord_conversations_by_gap(tmp_path, capsys, monkeypatch):
+    from pocketlm.data.ingest import jsonstream
+
+    monkeypatch.setattr(jsonstream, "CHUNK", 64)  # messages stream across many buffer refills
     p = discord_export(tmp_path / "export.json")
     out = tmp_path / "d.jsonl"
     s = run([p], out, gap=parse_duration("30m"))
@@ -260,6 +273,9 @@ def test_discord_conversations_by_gap(tmp_path):
     assert recs[0]["meta"]["messages"] == 3 and recs[0]["meta"]["authors"] == ["Ann", "Ben"]
     assert recs[1]["meta"]["start"] == "2024-03-01T12:20:00+00:00"
     assert s.problems == {"bad timestamp": 1}
+    # the message's line is the one of its "{", just before its "id" (0-based index = 1-based line of "{")
+    bad_line = [ln.strip() for ln in p.read_text().splitlines()].index('"id": "1005",')
+    assert f"{p}:{bad_line}: bad timestamp" in capsys.readouterr().err
     assert s.filtered == {"message without text": 1, "system message": 1}
     run([p], out, gap=parse_duration("3h"))
     assert len(texts(out)) == 1

@@ -221,6 +221,10 @@ def ingest(inputs: list[str], out: str | Path, opts: IngestOptions | None = None
     _check_templates(opts)
     summary = Summary()
     items = plan(list(inputs), opts, summary.filtered)
+    target = Path(out).resolve()
+    if any(fmt not in ("hf",) and not is_url(i) and Path(i).resolve() == target for fmt, i in items):
+        items = [(fmt, i) for fmt, i in items if is_url(i) or fmt == "hf" or Path(i).resolve() != target]
+        summary.filtered["the output file itself"] += 1  # `ingest raw/*.jsonl --out raw/all.jsonl`, run twice
     if not items:
         raise PocketLMError(f"nothing to read in {', '.join(inputs)} ({_counts(summary.filtered)})")
     problems = Problems(strict=opts.strict)

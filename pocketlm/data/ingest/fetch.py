@@ -70,6 +70,7 @@ class Fetcher:
         self.rate, self.retries, self.backoff = rate, retries, backoff
         self.client = httpx.Client(headers={"User-Agent": USER_AGENT}, timeout=timeout, follow_redirects=True)
         self.robots: dict[str, RobotFileParser | None] = {}
+        self.unreachable: set[str] = set()  # hosts whose robots.txt failed with 5xx / network errors
         self.last: dict[str, float] = {}  # host -> time of its last request
         self.requests = 0  # network requests made (the tests count cache hits with it)
 
@@ -141,7 +142,11 @@ class Fetcher:
             if page.status < 500:
                 self._store(url, page)
         rp: RobotFileParser | None = None
-        if page.status in (401, 403):  # the standard reading: robots.txt itself is forbidden -> disallow all
+        if page.status >= 500:  # RFC 9309: an unreachable robots.txt means "crawl nothing" (not cached)
+            rp = RobotFileParser()
+            rp.disallow_all = True
+            self.unreachable.add(host)
+        elif page.status in (401, 403):  # the standard reading: robots.txt itself is forbidden -> disallow all
             rp = RobotFileParser()
             rp.disallow_all = True
         elif page.status < 400:
@@ -160,6 +165,8 @@ class Fetcher:
         parts = urlsplit(url)
         host = parts.netloc
         rp = self._robots(parts.scheme, host)
+        if host in self.unreachable:
+            raise FetchError("robots.txt unreachable", f"{url}: {host}/robots.txt kept failing, so nothing is fetched")
         if rp is not None and not rp.can_fetch(ROBOTS_AGENT, url):
             raise FetchError("disallowed by robots.txt", url)
         delay = self.rate

@@ -79,11 +79,12 @@ def tables(root) -> Iterator[tuple[list[str] | None, list[list[str]]]]:
         yield header, rows
 
 
-def table_lines(html: bytes | str, tpl: TableTemplate) -> list[str] | None:
-    """Rendered lines of every matching table, in page order; None when no table matches."""
+def table_lines(html: bytes | str, tpl: TableTemplate) -> tuple[list[str] | None, str]:
+    """(rendered lines of every matching table in page order, or None when no table matches; page title)."""
     import lxml.html
 
     root = lxml.html.document_fromstring(html)
+    title = _SPACE.sub(" ", root.findtext(".//title") or "").strip()
     lines, matched = [], False
     for header, rows in tables(root):
         cols = tpl.columns(header)
@@ -94,7 +95,7 @@ def table_lines(html: bytes | str, tpl: TableTemplate) -> list[str] | None:
             continue
         matched = True
         lines.extend(line for line in (tpl.render(r, cols) for r in rows) if line)
-    return lines if matched else None
+    return (lines if matched else None), title
 
 
 def main_text(html: bytes | str) -> tuple[str | None, str | None]:
@@ -151,7 +152,7 @@ def read(item: str, ctx, fmt: str = "html") -> Iterator[Record]:
     if tpl is None:
         tpl = ctx.state["table_template"] = TableTemplate(ctx.opts.html_table)
     try:
-        lines = table_lines(html, tpl)
+        lines, title = table_lines(html, tpl)
     except Exception as e:  # lxml's ParserError for a page that is not HTML at all
         ctx.problems.report(item, "unparsable HTML", str(e).splitlines()[0] if str(e) else type(e).__name__)
         return
@@ -162,6 +163,8 @@ def read(item: str, ctx, fmt: str = "html") -> Iterator[Record]:
     if not lines:
         ctx.skip("table without rows")
         return
+    if title:
+        meta["title"] = title  # the episode, for `split --group-by title`
     if ctx.opts.per_row:
         for i, line in enumerate(lines):
             yield make(line, item, **meta, row=i)
