@@ -250,7 +250,7 @@ def leak_message(lk: dict[str, Any], fix: bool = True) -> str:
 
 def format_summary(m: dict[str, Any], out: str | Path) -> str:
     total = sum(s["documents"] for s in m["splits"].values()) or 1
-    lines = [f"split {total:,} documents into {out}/ (seed {m['seed']}"
+    lines = [f"split {total:,} documents into {Path(out)}/ (seed {m['seed']}"
              + (f", grouped by {m['group_by']}" if m["group_by"] else "") + ")"]
     for name, s in m["splits"].items():
         groups = f"  {s['groups']:>8,} groups" if "groups" in s else ""
