@@ -447,3 +447,22 @@ def test_cli_summary_and_errors(tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("{bad\n")
     assert main(["ingest", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "e.jsonl"), "--quiet"]) == 2
     assert "no documents found" in capsys.readouterr().err and not (tmp_path / "e.jsonl").exists()
+
+
+def test_progress_line_shows_rate_and_position(tmp_path, capsys, monkeypatch):
+    import pocketlm.data.ingest as ingest_mod
+    from pocketlm.data.ingest import jsonstream
+    from pocketlm.progress import Progress
+
+    class EveryUpdate(Progress):  # draw on every update instead of every 5 s, so a small input shows it
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.interval = 0.0
+
+    monkeypatch.setattr(ingest_mod, "Progress", EveryUpdate)
+    monkeypatch.setattr(jsonstream, "CHUNK", 256)
+    p = tmp_path / "big.jsonl"
+    p.write_text("".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(200)))
+    ingest([str(p)], tmp_path / "o.jsonl", IngestOptions())
+    err = capsys.readouterr().err
+    assert re.search(r"ingest \| [\d.]+k? docs/s \| big\.jsonl \d+% ETA \d+s \| elapsed", err), err[-500:]

@@ -23,7 +23,7 @@ from typing import Any
 
 from pocketlm.data.records import Problems, Record, RecordWriter
 from pocketlm.errors import PocketLMError
-from pocketlm.progress import Progress
+from pocketlm.progress import Progress, fmt_duration
 
 # format -> module under pocketlm.data.ingest that reads it
 FORMATS = {"text": "text", "jsonl": "tabular", "json": "tabular", "csv": "tabular", "parquet": "tabular",
@@ -79,6 +79,18 @@ class Context:
 
     def skip(self, reason: str) -> None:
         self.filtered[reason] += 1
+
+    def position(self, name: str, done: int, total: int) -> None:
+        """Show how far into the current input the read is (bytes), with an ETA for that input."""
+        now = time.perf_counter()
+        if self.state.get("position_of") != name:
+            self.state["position_of"], self.state["position_t0"] = name, now
+        frac = done / total if total else 0.0
+        eta = ""
+        if frac > 0.01:
+            eta = f" ETA {fmt_duration((now - self.state['position_t0']) * (1 - frac) / frac)}"
+        self.extra = f"{name} {frac:.0%}{eta}"
+        self.progress.update(0, self.extra)
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
@@ -166,6 +167,10 @@ def _decode(lines: list[bytes], start: int) -> Iterator[tuple[int, str | None, s
         yield i, line, ""
 
 
-def file_chunks(f: IO[bytes], size: int = CHUNK) -> Iterator[bytes]:
-    while data := f.read(size):
+def file_chunks(f: IO[bytes], ctx=None, name: str = "") -> Iterator[bytes]:
+    """CHUNK-sized reads of `f`; with a `ctx`, the progress line shows how far into the file they are."""
+    total = os.fstat(f.fileno()).st_size if ctx is not None else 0
+    while data := f.read(CHUNK):
         yield data
+        if ctx is not None:
+            ctx.position(name, f.tell(), total)

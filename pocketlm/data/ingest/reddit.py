@@ -50,8 +50,7 @@ def zst_chunks(path: Path, ctx, state: dict) -> Iterator[bytes]:
                                     f"{e}; {state['lines']:,} lines read before it, the rest skipped")
                 return
             yield b"".join(out)
-            ctx.extra = f"{path.name} {f.tell() / max(size, 1):.0%}"
-            ctx.progress.update(0, ctx.extra)
+            ctx.position(path.name, f.tell(), size)
     if in_frame:
         state["damaged"] = True
         ctx.problems.report(f"{path}:{state['lines'] + 1}", "truncated .zst",

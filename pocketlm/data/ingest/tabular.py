@@ -104,7 +104,7 @@ def read(item: str, ctx, fmt: str) -> Iterator[Record]:
 
 def _jsonl(path: Path, tpl: RowTemplate, ctx) -> Iterator[Record]:
     with open(path, "rb") as f:
-        for lineno, line, bad in iter_lines(file_chunks(f)):
+        for lineno, line, bad in iter_lines(file_chunks(f, ctx, path.name)):
             where = f"{path}:{lineno}"
             if line is None:
                 ctx.problems.report(where, "not UTF-8", bad)
