@@ -354,6 +354,14 @@ def test_reddit_truncated_and_corrupt_zst(tmp_path, capsys):
     assert [r["meta"]["id"] for r in read_records([out])][:3] == ["s1", "s2", "c3"]
     with pytest.raises(PocketLMError, match=r"cut.zst:\d+: truncated .zst"):
         run([cut], out, strict=True)
+    # a compressed JSONL of any rows (not Reddit) goes through --field/--template
+    rows = tmp_path / "rows.jsonl.zst"
+    data = write_zst(rows, [{"speaker": "A", "line": f"line {i} " * (i % 7)} for i in range(6000)], window_log=20)
+    s = run([rows], out, template="{speaker}: {line}")
+    assert s.inputs == {"jsonl": 1} and texts(out)[1:3] == ["A: line 1 ", "A: line 2 line 2 "] and s.documents == 6000
+    (tmp_path / "cut.jsonl.zst").write_bytes(data[: len(data) * 2 // 3])
+    s = run([tmp_path / "cut.jsonl.zst"], out, template="{speaker}: {line}")
+    assert s.problems == {"truncated .zst": 1} and 0 < s.documents < 6000
     bad = tmp_path / "bad.zst"
     bad.write_bytes(b"this is not zstd at all\n" * 10)
     s = run([bad, tmp_path / "full.zst"], out)

@@ -195,6 +195,8 @@ def plan(inputs: list[str], opts: IngestOptions, skipped: Counter) -> list[tuple
 
 def _sniff(p: Path) -> str | None:
     suffix = p.suffix.lower()
+    if suffix == ".zst" and Path(p.stem).suffix.lower() in (".jsonl", ".ndjson"):
+        return "jsonl"  # rows.jsonl.zst: rows, not a Reddit dump
     fmt = SUFFIXES.get(suffix)
     if fmt == "json":  # a DiscordChatExporter file starts with its "guild"
         with open(p, "rb") as f:

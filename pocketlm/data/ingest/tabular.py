@@ -8,6 +8,7 @@ Everything streams: JSONL and CSV line by line, JSON arrays item by item, Parque
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import string
@@ -103,8 +104,19 @@ def read(item: str, ctx, fmt: str) -> Iterator[Record]:
 
 
 def _jsonl(path: Path, tpl: RowTemplate, ctx) -> Iterator[Record]:
-    with open(path, "rb") as f:
-        for lineno, line, bad in iter_lines(file_chunks(f, ctx, path.name)):
+    with contextlib.ExitStack() as stack:
+        if path.suffix.lower() == ".zst":  # rows.jsonl.zst: decompressed as it is read
+            from pocketlm.data.ingest.reddit import zst_chunks
+
+            state = {"lines": 0, "damaged": False}
+            chunks = zst_chunks(path, ctx, state)
+        else:
+            state = {"damaged": False}
+            chunks = file_chunks(stack.enter_context(open(path, "rb")), ctx, path.name)
+        for lineno, line, bad in iter_lines(chunks):
+            if state["damaged"]:
+                break  # the half line a truncated .zst ends with
+            state["lines"] = lineno
             where = f"{path}:{lineno}"
             if line is None:
                 ctx.problems.report(where, "not UTF-8", bad)
