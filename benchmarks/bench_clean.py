@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -156,19 +157,20 @@ def main() -> None:
             res["load"] = loadavg()
             results[name].append(res)
             print(f"round {r} | {name}: {res['seconds']}s, {a.docs / res['seconds']:,.0f} docs/s, "
-                  f"peak {res['peak_rss_mib']} MiB, load {res['load']}", flush=True)
+                  f"{res['cpu_s']} CPU-s, peak {res['peak_rss_mib']} MiB, load {res['load']}", flush=True)
             if "dedupe:" in name:
                 print("   ", res["stdout"])
-    print("\nmedians:")
+    print("\nmedians (wall time is at the mercy of the machine's load; CPU time is steadier):")
     med = {}
     for name, rs in results.items():
-        secs = sorted(x["seconds"] for x in rs)[len(rs) // 2]
-        rss = sorted(x["peak_rss_mib"] for x in rs)[len(rs) // 2]
-        med[name] = (secs, rss)
-        print(f"| {name} | {a.docs / secs:,.0f} docs/s | {secs:.1f} s | {rss:,.0f} MiB |")
-    (ours, ours_rss), (peer, peer_rss) = med["near dedupe: pocketlm"], med["near dedupe: datasketch"]
-    print(f"near dedupe pocketlm/datasketch: speed {peer / ours:.2f}x, peak memory {ours_rss / peer_rss:.2f}x")
-    print(json.dumps(results, indent=1)[:4000], file=open(work / "results.json", "w"))
+        secs, cpu = statistics.median(x["seconds"] for x in rs), statistics.median(x["cpu_s"] for x in rs)
+        rss = statistics.median(x["peak_rss_mib"] for x in rs)
+        med[name] = (secs, cpu, rss)
+        print(f"| {name} | {a.docs / secs:,.0f} docs/s | {secs:.1f} s | {a.docs / cpu:,.0f} docs/CPU-s | {rss:,.0f} MiB |")
+    ours, peer = med["near dedupe: pocketlm"], med["near dedupe: datasketch"]
+    print(f"near dedupe pocketlm/datasketch: wall time {ours[0] / peer[0]:.2f}x, CPU time {ours[1] / peer[1]:.2f}x, "
+          f"peak memory {ours[2] / peer[2]:.2f}x")
+    (work / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nclean report: {json.dumps(json.load(open(work / 'clean.report.json'))['removed'])}")
     print(f"split: {json.dumps(json.load(open(work / 'splits' / 'split.json'))['splits'])}")
     print(f"load after: {loadavg()}")
