@@ -21,6 +21,7 @@ import json
 import os
 import re
 import unicodedata
+from array import array
 from collections import deque
 from collections.abc import Iterator
 from itertools import chain
@@ -98,7 +99,11 @@ def pre_tokenizer_of(model: dict) -> str | None:
 
 
 class WordCacheEncoder:
-    """Ordinary encoding (no special tokens) of byte-level BPE through a word -> ids cache."""
+    """Ordinary encoding (no special tokens) of byte-level BPE through a word -> ids cache.
+
+    The cache maps a word to its row in a flat table of token ids (offsets and lengths beside it), so a
+    batch is encoded with one dict lookup per word and a numpy gather, not a Python list per word.
+    """
 
     def __init__(self, tk: Tokenizer, pre: str) -> None:
         self.model = tk.model
@@ -107,7 +112,13 @@ class WordCacheEncoder:
         self.unknown = _unknown()
         b2u = bytes_to_unicode()
         self.to_bytes_alphabet = {i: b2u[i] for i in range(256)}  # latin-1 code point i = byte i
-        self.cache: dict[str, list[int]] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self.cache: dict[str, int] = {}  # word -> row
+        self.table = array("I")  # token ids of every cached word, back to back
+        self.offsets = array("q")  # row -> first index in table
+        self.lengths = array("q")  # row -> number of tokens
 
     @classmethod
     def for_tokenizer(cls, tk: Tokenizer) -> WordCacheEncoder | None:
@@ -123,32 +134,53 @@ class WordCacheEncoder:
     def known(self, text: str) -> bool:
         return text.isascii() or self.unknown.search(text) is None
 
-    def encode(self, text: str) -> list[int]:
-        """Ids of `text`, which must be `known`."""
-        words = (self.ascii_pattern if text.isascii() else self.pattern).findall(text)
+    def split(self, text: str) -> list[str]:
+        return (self.ascii_pattern if text.isascii() else self.pattern).findall(text)
+
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(all ids, ids per text) of texts that are all `known`."""
+        word_lists = [self.split(t) for t in texts]
+        words = list(chain.from_iterable(word_lists))
         try:
-            return list(chain.from_iterable(map(self.cache.__getitem__, words)))
+            rows = np.fromiter(map(self.cache.__getitem__, words), dtype=np.int64, count=len(words))
         except KeyError:
             self._learn(words)
-            return list(chain.from_iterable(map(self.cache.__getitem__, words)))
+            rows = np.fromiter(map(self.cache.__getitem__, words), dtype=np.int64, count=len(words))
+        table = np.frombuffer(self.table, dtype=np.uint32) if self.table else np.zeros(0, np.uint32)
+        lens = np.frombuffer(self.lengths, dtype=np.int64)[rows] if len(rows) else np.zeros(0, np.int64)
+        starts = np.frombuffer(self.offsets, dtype=np.int64)[rows] if len(rows) else np.zeros(0, np.int64)
+        ends = np.cumsum(lens)
+        total = int(ends[-1]) if len(ends) else 0
+        # output position i of word k reads table[starts[k] + i - (ends[k] - lens[k])]
+        flat = table[np.repeat(starts - (ends - lens), lens) + np.arange(total)]
+        del table  # the arrays may grow again only once no view of them is alive
+        per_text = np.fromiter(map(len, word_lists), dtype=np.int64, count=len(texts))
+        cum = np.concatenate([[0], ends])
+        last = np.cumsum(per_text)
+        return flat, cum[last] - cum[last - per_text]
 
     def _learn(self, words: list[str]) -> None:
-        if len(self.cache) + len(words) > MAX_WORDS:
-            self.cache.clear()
-        for w in words:
-            if w not in self.cache:
-                mapped = w.encode("utf-8").decode("latin-1").translate(self.to_bytes_alphabet)
-                self.cache[w] = [t.id for t in self.model.tokenize(mapped)]
+        new = set(words).difference(self.cache)
+        if len(self.cache) + len(new) > MAX_WORDS:
+            self._reset()
+            new = set(words)
+        for w in new:
+            mapped = w.encode("utf-8").decode("latin-1").translate(self.to_bytes_alphabet)
+            ids = [t.id for t in self.model.tokenize(mapped)]
+            self.cache[w] = len(self.offsets)
+            self.offsets.append(len(self.table))
+            self.lengths.append(len(ids))
+            self.table.extend(ids)
 
     def encode_batch(self, texts: list[str], library: Tokenizer) -> list[list[int]]:
         """Known texts through the cache, the others through `library` (a tokenizer without special tokens)."""
         out: list = [None] * len(texts)
-        rest = []
-        for i, t in enumerate(texts):
-            if self.known(t):
-                out[i] = self.encode(t)
-            else:
-                rest.append(i)
+        known = [i for i, t in enumerate(texts) if self.known(t)]
+        if known:
+            flat, lengths = self.encode_flat([texts[i] for i in known])
+            for i, ids in zip(known, np.split(flat, np.cumsum(lengths)[:-1])):
+                out[i] = ids.tolist()
+        rest = [i for i, x in enumerate(out) if x is None]
         if rest:
             for i, e in zip(rest, library.encode_batch([texts[i] for i in rest], add_special_tokens=False)):
                 out[i] = e.ids
@@ -170,6 +202,9 @@ def _init_worker(tokenizer_json: str, eot: str | None) -> None:
 
 def encode_flat(tok, texts: list[str], ordinary: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """All ids of `texts` in one array, and each text's number of ids."""
+    words = tok.words
+    if words is not None and (ordinary or not tok.has_special(texts)) and all(map(words.known, texts)):
+        return words.encode_flat(texts)
     ids = tok.encode_batch(texts, ordinary=ordinary)
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
     if ids and isinstance(ids[0], np.ndarray):

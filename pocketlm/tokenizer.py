@@ -70,7 +70,7 @@ class Tok:
 
     def encode_batch(self, texts: list[str], ordinary: bool = False) -> list[list[int]] | list[np.ndarray]:
         """Encode many texts; the same ids as the library. `ordinary`: special-token strings are plain text."""
-        has_special = not ordinary and any(sp in t for t in texts for sp in self.specials)
+        has_special = not ordinary and self.has_special(texts)
         if self.lut is not None and not has_special:
             fast = [self._encode_chars(t) for t in texts]
             if all(ids is not None for ids in fast):
@@ -79,6 +79,9 @@ class Tok:
             return self.words.encode_batch(texts, self._library(ordinary=True))
         # parallel in Rust (TOKENIZERS_PARALLELISM); the GIL is released for the whole batch
         return [e.ids for e in self._library(ordinary).encode_batch(texts, add_special_tokens=False)]
+
+    def has_special(self, texts: list[str]) -> bool:
+        return any(sp in t for t in texts for sp in self.specials)
 
     @property
     def words(self):

@@ -154,6 +154,7 @@ def prepare(inputs: list[str | Path], out: str | Path, cfg: DataConfig, val: lis
     if sum(counts) == 0:
         raise PocketLMError("the input has no text (every file is empty or whitespace)")
     split = assign_splits(sources, counts, cfg)
+    t_scan = time.perf_counter()
 
     # pass 2: the tokenizer
     if cfg.tokenizer == "char":
@@ -173,6 +174,8 @@ def prepare(inputs: list[str | Path], out: str | Path, cfg: DataConfig, val: lis
     tmp.mkdir(parents=True)
     toklib.save(tk, tmp, cfg.eot_token, pad_token=loaded.pad_token if loaded else None)
     tok = toklib.load(tmp)
+
+    t_tok = time.perf_counter()
 
     # pass 3: encode and write shards
     writers = {name: ShardWriter(tmp / f"{name}.bin", tok.vocab_size) for name in SPLITS}
@@ -226,6 +229,8 @@ def prepare(inputs: list[str | Path], out: str | Path, cfg: DataConfig, val: lis
         "inputs": inputs_meta,
         "skipped": dict(problems.counts),
         "seconds": round(time.perf_counter() - t0, 2),
+        "timings": {"scan": round(t_scan - t0, 2), "tokenizer": round(t_tok - t_scan, 2),
+                    "encode": round(time.perf_counter() - t_tok, 2), "workers": workers},
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     if out.exists():  # --overwrite: swap only once the new dataset is complete
