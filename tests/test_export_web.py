@@ -78,6 +78,27 @@ def test_page_generates_python_greedy_text_offline(tmp_path: Path, npm_modules: 
         assert not [c for c in page.console if c.startswith(("error", "pageerror"))], page.console
 
 
+@pytest.mark.slow
+@pytest.mark.browser
+def test_int8_page_matches_onnxruntime_python(tmp_path: Path, npm_modules: Path) -> None:
+    """The int8 page ships only model_quantized.onnx; the browser's WASM kernels pick the tokens onnxruntime
+    picks in Python on the same file."""
+    from pocketlm.export import onnx as ox
+    from pocketlm.export.browser import Page
+
+    bpe_model(tmp_path / "ckpt", tmp_path)
+    site = tmp_path / "site"
+    exp.export(tmp_path / "ckpt", "web", site, quantize="int8", verbose=False, check_tokens=20)
+    assert [p.name for p in (site / "models" / "ckpt" / "onnx").iterdir()] == ["model_quantized.onnx"]
+    tok = toklib.load(tmp_path / "ckpt")
+    ids = ox.decode(ox.OrtDecoder(site / "models/ckpt/onnx/model_quantized.onnx"), tok.encode(PROMPT), 50, 32)
+    with Page(site) as page:
+        page.open()
+        text, stats = page.generate(PROMPT, max_new_tokens=50, temperature=0, stop_at_eot=False)
+        assert page.blocked == []
+    assert text == tok.decode(ids) and stats["new_tokens"] == 50
+
+
 def test_missing_npm_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(web.shutil, "which", lambda name: None)
     with pytest.raises(PocketLMError, match="needs Node.js and npm.*install Node"):

@@ -35,6 +35,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     options = {k: getattr(args, k) for k in ("model_id", "title", "default_prompt", "npm_cache")
                if getattr(args, k) is not None}
+    if "default_prompt" in options:  # the same \n and \t escapes as `pocketlm generate --prompt`
+        options["default_prompt"] = options["default_prompt"].replace("\\n", "\n").replace("\\t", "\t")
     if options and args.format != "web":
         flag = "--" + next(iter(options)).replace("default_prompt", "prompt").replace("_", "-")
         raise PocketLMError(f"{flag} is a web page option: use it with --format web")

@@ -50,6 +50,13 @@ function rng(seed) {
   };
 }
 
+function halfToFloat(h) {
+  const sign = h & 0x8000 ? -1 : 1, exp = (h >> 10) & 0x1f, frac = h & 0x3ff;
+  if (exp === 0) return sign * 2 ** -14 * (frac / 1024);
+  if (exp === 31) return frac ? NaN : sign * Infinity;
+  return sign * 2 ** (exp - 15) * (1 + frac / 1024);
+}
+
 function argmax(x) {
   let best = 0;
   for (let i = 1; i < x.length; i++) if (x[i] > x[best]) best = i;  // first maximum, like numpy and torch
@@ -113,9 +120,9 @@ export class PocketLM {
     if (past) for (const name of this.pastNames) past[name].dispose?.();
     const logits = out.logits;
     const V = logits.dims[2];
-    let last = logits.data.subarray((T - 1) * V, T * V);
-    if (!(last instanceof Float32Array)) last = Float32Array.from(last, Number);  // fp16 models
-    return [Float32Array.from(last), next];
+    const last = logits.data.subarray((T - 1) * V, T * V);
+    // fp16 models: raw half-precision bits (Uint16Array) where the browser has no Float16Array
+    return [last instanceof Uint16Array ? Float32Array.from(last, halfToFloat) : Float32Array.from(last), next];
   }
 
   encode(text) {
