@@ -7,8 +7,10 @@ The model has the quickstart config (4 layers, 128 wide, context 128, no biases,
 from tinyshakespeare) with random weights (speed does not depend on the weights). Every contender decodes
 the same prompt greedily for --tokens new tokens (prompt + tokens fit the context, so no window refill:
 transformers.js cannot slide a window), one thread each, after an untimed warm-up (8 tokens; in the
-browser a whole run, so WebAssembly tiers up), and tokens/s = new tokens / total time (prompt included). Contenders alternate inside each round because this shared machine's speed drifts; medians.
-A ~10M-parameter model (6 x 384, BPE vocabulary 4,096) is exported with int8 for the size budget.
+browser a whole run, so WebAssembly tiers up), and tokens/s = new tokens / total time (prompt included).
+Contenders alternate inside each round because this shared machine's speed drifts; medians.
+A ~10M-parameter model (5 layers x 384, BPE vocabulary 4,096, context 256) is exported with int8
+for the size budget.
 
     python benchmarks/bench_export.py --rounds 3 --tokens 100
 """
@@ -76,7 +78,7 @@ def ten_million_model(folder: Path, tmp: Path) -> int:
     tk = toklib.train_bpe(iter(text.split("\n\n")), 4096, "<|endoftext|>")
     toklib.save(tk, tmp / "tok-bpe", "<|endoftext|>")
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tk.get_vocab_size(), block_size=256, n_layer=6, n_head=6, n_embd=384))
+    model = GPT(GPTConfig(vocab_size=tk.get_vocab_size(), block_size=256, n_layer=5, n_head=6, n_embd=384))
     ckpt.save_model(model, folder, tmp / "tok-bpe", tk.token_to_id("<|endoftext|>"))
     return sum(p.numel() for n, p in model.named_parameters() if n != "lm_head.weight")
 

@@ -51,6 +51,7 @@ def test_hf_folder_and_model_card(run: Path, tmp_path: Path) -> None:
 def test_onnx_matches_pytorch_and_pocketlm_engine(tmp_path: Path) -> None:
     """fp32 through the KV path: logits within 1e-4 of PyTorch over 200 steps (the window refills 8 times),
     greedy identical to both transformers and pocketlm's own engine; int8 agreement is measured."""
+    import onnx
     import onnxruntime as ort
 
     from pocketlm.export import onnx as ox
@@ -64,6 +65,11 @@ def test_onnx_matches_pytorch_and_pocketlm_engine(tmp_path: Path) -> None:
     fp32, q8 = report["variants"]["fp32"], report["variants"]["q8"]
     assert fp32["max_abs_diff"] <= 1e-4 and fp32["greedy_identical"] and fp32["argmax_agree"] == 200
     assert q8["tokens"] == 200 and 0 <= q8["argmax_agree"] <= 200 and q8["max_abs_diff"] > 0  # really quantized
+
+    for f in ("model.onnx", "model_quantized.onnx"):  # the tied embedding / head matrix is stored once
+        inits = onnx.load(str(out / "onnx" / f)).graph.initializer
+        vocab, width = 17, 16
+        assert sum(tuple(i.dims) in ((vocab, width), (width, vocab)) for i in inits) == 1, f
 
     sess = ort.InferenceSession(str(out / "onnx/model.onnx"))
     ins = {i.name: i.shape for i in sess.get_inputs()}

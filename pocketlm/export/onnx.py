@@ -127,10 +127,79 @@ def export_decoder(model: torch.nn.Module, path: Path) -> None:
                           output_names=outputs, dynamic_axes=axes, opset_version=OPSET, dynamo=False)
 
 
+def _tied_pair(graph) -> tuple[str, str] | None:  # noqa: ANN001 - onnx.GraphProto
+    """(embedding, head) initializer names when the head is the embedding transposed (tied weights): the
+    tracer stores the matrix twice, once for the Gather and once, folded, for the head's MatMul."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    gathers = [n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in inits]
+    for emb in gathers:
+        e = numpy_helper.to_array(inits[emb])
+        if e.ndim != 2:
+            continue
+        for n in graph.node:
+            if n.op_type == "MatMul" and n.input[1] in inits and tuple(inits[n.input[1]].dims) == e.shape[::-1]:
+                if np.array_equal(numpy_helper.to_array(inits[n.input[1]]), e.T):
+                    return emb, n.input[1]
+    return None
+
+
+def share_tied_fp(path: Path) -> None:
+    """A float model: the head reads Transpose(embedding) instead of its own copy (onnxruntime folds the
+    transpose once at load), so the file holds the matrix once."""
+    import onnx
+
+    model = onnx.load(str(path))
+    pair = _tied_pair(model.graph)
+    if pair is None:
+        return
+    emb, head = pair
+    keep = [i for i in model.graph.initializer if i.name != head]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    model.graph.node.insert(0, onnx.helper.make_node("Transpose", [emb], [head], perm=[1, 0], name="tied_head"))
+    onnx.save(model, str(path))
+
+
+def share_tied_int8(path: Path, emb: str, head: str) -> None:
+    """An int8 model: the embedding lookup gathers columns of the head's int8 matrix (axis 1), transposes
+    them back and dequantizes with the head's scale, so the quantized matrix is stored once."""
+    import onnx
+
+    model = onnx.load(str(path))
+    g = model.graph
+    q, scale, zp = f"{head}_quantized", f"{head}_scale", f"{head}_zero_point"
+    inits = {i.name for i in g.initializer}
+    if not {q, scale, zp} <= inits:
+        return  # the head was not quantized as one int8 matrix: nothing to share
+    gathers = [n for n in g.node if n.op_type == "Gather" and n.input[0] == f"{emb}_quantized"]
+    for gather in gathers:
+        deq = [n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] == gather.output[0]]
+        if len(deq) != 1:
+            continue
+        old = [gather.input[0], deq[0].input[1], deq[0].input[2]]
+        cols = gather.output[0] + "_cols"
+        gather.input[0] = q
+        gather.attribute.extend([onnx.helper.make_attribute("axis", 1)])
+        gather.output[0] = cols  # (E, B, T) -> (B, T, E)
+        at = list(g.node).index(gather) + 1
+        g.node.insert(at, onnx.helper.make_node("Transpose", [cols], [deq[0].input[0]], perm=[1, 2, 0],
+                                                name=gather.name + "_tied"))
+        deq[0].input[1], deq[0].input[2] = scale, zp
+        used = {x for n in g.node for x in n.input}
+        keep = [i for i in g.initializer if i.name not in old or i.name in used]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+        onnx.save(model, str(path))
+        return
+
+
 def quantize(src: Path, kind: str, dst: Path) -> None:
     """int8: dynamic quantization (weights int8, activations quantized at run time); fp16; q4: MatMulNBits."""
     import onnx
 
+    tied = _tied_pair(onnx.load(str(src)).graph)
     if kind == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -143,6 +212,8 @@ def quantize(src: Path, kind: str, dst: Path) -> None:
                 quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
         finally:
             root.setLevel(level)
+        if tied:
+            share_tied_int8(dst, *tied)
         return
     model = onnx.load(str(src))
     if kind == "fp16":
@@ -155,6 +226,7 @@ def quantize(src: Path, kind: str, dst: Path) -> None:
             warnings.simplefilter("ignore")
             model = convert_float_to_float16(model, keep_io_types=False)
         onnx.save(model, str(dst))
+        share_tied_fp(dst)
         return
     try:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -308,6 +380,7 @@ def build(folder: Path, out: Path, quantize_kind: str | None, verbose: bool = Tr
     if quantize_kind:
         _say(verbose, f"quantizing to {quantize_kind}")
         quantize(fp32, quantize_kind, out / "onnx" / VARIANT_FILES[quantize_kind])
+    share_tied_fp(fp32)  # after quantizing: the quantizers want the head's matrix as an initializer
     tok = toklib.load(folder)
     prompt = tok.encode(CHECK_PROMPT) or ([tok.eot_id] if tok.eot_id is not None else [0])
     report: dict[str, Any] = {"format": "onnx", "out": str(out), "seconds_export": 0.0, "variants": {}}
