@@ -85,6 +85,11 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the model (measure first: it helps most on GPUs)")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
     strategy: str = _f("ddp", "with several processes: 'ddp' (replicate the model) or 'fsdp' (shard it)")
+    eval_top_k: int = _f(10, "k of the top-k accuracy reported at each evaluation (val/top10_acc)")
+    log: str = _f("", "trackers besides metrics.jsonl: 'tensorboard', 'wandb' or 'tensorboard,wandb'")
+    wandb_project: str = _f("pocketlm", "Weights & Biases project for --log wandb")
+    peak_tflops: float = _f(0.0, "peak TFLOP/s for model FLOPs utilisation (mfu); 0 = the GPU's datasheet "
+                                 "peak, or a matmul benchmark measured once and cached")
 
 
 @dataclass
@@ -125,6 +130,7 @@ class Config:
             ("train.grad_accum", t.grad_accum), ("train.max_steps", t.max_steps),
             ("train.eval_interval", t.eval_interval), ("train.eval_steps", t.eval_steps),
             ("train.log_interval", t.log_interval), ("sample.num_samples", smp.num_samples),
+            ("train.eval_top_k", t.eval_top_k),
         ]:
             if value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
@@ -139,8 +145,9 @@ class Config:
             raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0, got lr={t.lr} min_lr={t.min_lr}")
         if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
             raise ConfigError(f"train.beta1 and train.beta2 must be in [0, 1), got {t.beta1}, {t.beta2}")
-        if t.warmup_steps < 0 or t.threads < 0 or t.weight_decay < 0 or t.grad_clip < 0:
-            raise ConfigError("train.warmup_steps, train.threads, train.weight_decay and train.grad_clip must be >= 0")
+        if t.warmup_steps < 0 or t.threads < 0 or t.weight_decay < 0 or t.grad_clip < 0 or t.peak_tflops < 0:
+            raise ConfigError("train.warmup_steps, train.threads, train.weight_decay, train.grad_clip and "
+                              "train.peak_tflops must be >= 0")
         if not (0 <= d.val_fraction < 1 and 0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1):
             raise ConfigError("data.val_fraction and data.test_fraction must be in [0, 1) and sum below 1")
         if not d.separator or not d.eot_token:

@@ -2,7 +2,9 @@
 
 A `Task` says what differs between kinds of training: where batches come from, how the loss is computed,
 which parameters train. The loop owns everything else: schedule, accumulation, clipping, DDP, evaluation,
-checkpoints, metrics and progress. Callbacks observe it (`on_log`, `on_eval`, `on_checkpoint`).
+checkpoints, metrics and progress. Callbacks observe it (`on_log`, `on_eval`, `on_test`, `on_checkpoint`,
+`on_end`); `--log tensorboard,wandb` adds the tracking callbacks of track.py. Evaluation uses evaluate.py's
+Meter, so val/loss, val/ppl, val/acc, val/top10_acc and val/bpb mean what `pocketlm eval` reports.
 
 Batches are a pure function of (seed, step, micro-step, rank): nothing about the data position needs
 saving, resume is exact, and the global batch (micro x accumulation x world) is the same set of samples
@@ -30,7 +32,9 @@ import torch.distributed as dist
 from pocketlm import atomic
 from pocketlm import checkpoint as ckpt
 from pocketlm import config as configlib
+from pocketlm import evaluate as evallib
 from pocketlm import parallel
+from pocketlm import track
 from pocketlm.config import Config
 from pocketlm.data.prepare import Dataset
 from pocketlm.device import Runtime, setup, teardown
@@ -60,6 +64,9 @@ class Task(Protocol):
 
     def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         """Scalar loss of a batch (the loop scales it for accumulation)."""
+
+    # optional: `logits(model, batch) -> (logits (B, T, V), targets (B, T) with -100 = not scored)` lets
+    # evaluation report per-token metrics (acc, top-k, bits per byte); without it only the loss is reported
 
 
 class LMTask:
@@ -98,6 +105,10 @@ class LMTask:
     def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
         return model(x, y)[1]
+
+    def logits(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        x, y = batch
+        return model(x)[0], y
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -196,6 +207,12 @@ class Trainer:
             raise PocketLMError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
                                 f"{self.dataset.vocab_size}; leave it at 0 to take the tokenizer's")
         self.task = task or LMTask(self.dataset, cfg.model.block_size)
+        track.parse_loggers(t.log)  # a typo fails before the run folder is touched
+        self.token_bytes = None  # bytes per token id, for val/bpb
+        if self.dataset is not None:
+            table = evallib.token_byte_lengths(self.dataset.tokenizer())
+            table = np.pad(table, (0, max(0, cfg.model.vocab_size - len(table))))
+            self.token_bytes = torch.from_numpy(table).to(self.rt.device)
         # the config states the global batch (batch_size x grad_accum); processes share the accumulation
         if t.grad_accum % self.rt.world_size:
             raise PocketLMError(f"train.grad_accum ({t.grad_accum}) must be a multiple of the number of processes "
@@ -223,6 +240,8 @@ class Trainer:
             configlib.save_yaml(cfg, self.out / "config.yaml")
         self.log = MetricsLog(self.out / "metrics.jsonl", self.state.step if resume else None) \
             if self.rt.is_main else None
+        if self.rt.is_main:
+            self.callbacks += track.loggers(t.log, self.out, t.wandb_project, cfg.to_dict(), resume)
         self.stop_requested = False
 
     # -- state --------------------------------------------------------------------------------------
@@ -274,24 +293,38 @@ class Trainer:
 
     # -- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, split: str = "val") -> float:
-        """Mean loss over eval_steps fixed batches (the same batches at every evaluation)."""
+    def evaluate(self, split: str = "val") -> dict[str, float]:
+        """loss, ppl, acc, top-k acc, bpb over eval_steps fixed batches (the same batches at every evaluation)."""
         t = self.cfg.train
         self.model.eval()
-        total = torch.zeros(2, device=self.rt.device)
+        meter, spare = evallib.Meter(t.eval_top_k, self.token_bytes), evallib.Meter(t.eval_top_k, self.token_bytes)
         rounds = -(-t.eval_steps // self.rt.world_size)
         for j in range(rounds):  # batches sharded across ranks; every rank runs the same number of forwards
             i = j * self.rt.world_size + self.rt.rank
             batch = self.task.batch(split, 10**9 + i, 0, t.batch_size, 1, _single(self.rt), t.seed, self.rt.device)
-            with self.rt.autocast():
-                loss = self.task.loss(self.model, batch).float()
-            if i < t.eval_steps:  # a surplus batch only keeps FSDP's collectives in step
-                total[0] += loss
-                total[1] += 1
+            with self.rt.autocast():  # a surplus batch (i >= eval_steps) only keeps FSDP's collectives in step
+                (meter if i < t.eval_steps else spare).add_task_batch(self.task, self.model, batch)
         if self.rt.distributed:
-            dist.all_reduce(total)
+            meter.all_reduce(self.rt.device)
         self.model.train()
-        return (total[0] / total[1]).item()
+        return meter.metrics()
+
+    def test_at_end(self) -> None:
+        """The whole test split, once, with the best checkpoint (rank 0; only when a test split exists)."""
+        ds = self.dataset
+        if ds is None or not self.rt.is_main or not isinstance(self.task, LMTask) \
+                or not ds.manifest.get("splits", {}).get("test", {}).get("tokens"):
+            return
+        lm = evallib.load_lm(self.out / "best", str(self.rt.device))
+        t0 = time.perf_counter()
+        meter = evallib.evaluate_stream(lm, evallib.stream_of(ds.split("test"), lm.tok.eot_id),
+                                        self.cfg.train.eval_top_k, self.cfg.train.batch_size)
+        record = {"step": self.state.step, **{f"test/{k}": v for k, v in meter.metrics().items()},
+                  "test/tokens": meter.tokens, "eval_s": round(time.perf_counter() - t0, 2)}
+        self._emit("on_test", record)
+        if self.verbose:
+            print(f"test (best checkpoint, {meter.tokens:,} tokens): loss {record['test/loss']:.4f}"
+                  + (f", {record['test/bpb']:.4f} bits/byte" if "test/bpb" in record else ""), file=sys.stderr)
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self) -> State:
@@ -299,6 +332,9 @@ class Trainer:
         accum = self.accum
         tokens_per_step = t.batch_size * t.grad_accum * self.cfg.model.block_size
         flops_per_token = self.model.flops_per_token()
+        peak, _ = track.peak_flops(rt.device, rt.dtype, t.peak_tflops)
+        peak *= rt.world_size
+        start_step = st.step
         if self.verbose:
             print(f"pocketlm: {self.model.num_params() / 1e6:.2f}M parameters | {rt.reason}", file=sys.stderr)
             print(f"pocketlm: {t.max_steps} steps x {tokens_per_step:,} tokens/step -> {self.out}", file=sys.stderr)
@@ -343,16 +379,22 @@ class Trainer:
                                           "grad_norm": parallel.total_norm(gnorm), "tokens": st.tokens,
                                           "tokens_per_s": round(tps),
                                           "tflops": round(tps * flops_per_token / 1e12, 4),
+                                          "mfu": round(tps * flops_per_token / peak, 5),
+                                          "peak_mem_mb": round(track.peak_memory_mb(rt.device), 1),
                                           "elapsed_s": round(st.elapsed, 2)})
                     shown = f"loss {loss_value:.4f} | {tps:,.0f} tok/s"
                 bar.update(1, shown)
                 if st.step % t.eval_interval == 0 or st.step == t.max_steps:
                     self._eval_and_save()
+            if st.step >= t.max_steps > start_step:
+                self.test_at_end()
         finally:
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
             if self.log:
                 self.log.close()
+            for cb in self.callbacks:
+                getattr(cb, "on_end", lambda *a: None)(st.step, {})
         if st.step < t.max_steps:  # every rank agreed to stop early
             st.interrupted = True
             self.save("last", with_optimizer=True)
@@ -367,8 +409,10 @@ class Trainer:
     def _eval_and_save(self) -> None:
         st = self.state
         t0 = time.perf_counter()
-        val = self.evaluate("val")
-        record = {"step": st.step, "val/loss": val, "tokens": st.tokens, "eval_s": round(time.perf_counter() - t0, 2)}
+        metrics = self.evaluate("val")
+        val = metrics["loss"]
+        record = {"step": st.step, **{f"val/{k}": v for k, v in metrics.items()}, "tokens": st.tokens,
+                  "eval_s": round(time.perf_counter() - t0, 2)}
         improved = val < st.best_val
         if improved:
             st.best_val = val

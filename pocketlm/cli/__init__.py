@@ -31,7 +31,7 @@ ALIASES = {
     "sample.prompt": ["--prompt"], "sample.max_new_tokens": ["--max-new-tokens"],
     "sample.temperature": ["--temperature"], "sample.top_k": ["--top-k"], "sample.top_p": ["--top-p"],
     "sample.repetition_penalty": ["--repetition-penalty"], "sample.num_samples": ["--num-samples", "-n"],
-    "sample.stop": ["--stop"],
+    "sample.stop": ["--stop"], "train.log": ["--log"], "train.wandb_project": ["--wandb-project"],
 }
 
 
