@@ -94,12 +94,17 @@ def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: floa
     return float(cached[key]) * 1e12, f"measured matmul peak ({file})"
 
 
+_mps_peak = 0
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory so far: max allocated on CUDA, allocated on MPS, the process's peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    if device.type == "mps":
-        return torch.mps.driver_allocated_memory() / 2**20
+    if device.type == "mps":  # MPS keeps no maximum: the largest figure seen at a log step
+        global _mps_peak
+        _mps_peak = max(_mps_peak, torch.mps.current_allocated_memory())
+        return _mps_peak / 2**20
     try:
         import resource  # Unix only
     except ImportError:
