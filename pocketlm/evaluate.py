@@ -144,10 +144,10 @@ def token_byte_lengths(tok: toklib.Tok) -> np.ndarray:
         piece = tk.id_to_token(i)
         if piece is None:
             continue
-        if i in added:
-            out[i] = 0 if added[i].special else len(added[i].content.encode("utf-8"))
-        elif piece == unk:
+        if piece == unk:
             out[i] = 1  # stands for a character the vocabulary lacks: its width is lost, count one byte
+        elif i in added:
+            out[i] = 0 if added[i].special else len(added[i].content.encode("utf-8"))
         elif byte_level:
             out[i] = len(piece)  # the ByteLevel alphabet spells every byte as one character
         elif "ByteFallback" in types and _BYTE_TOKEN.match(piece):

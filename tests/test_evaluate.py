@@ -132,8 +132,9 @@ def test_bits_per_byte_equal_for_two_tokenizations_under_an_oracle(tmp_path: Pat
     assert cross["metrics"]["bpb"] == pytest.approx(bits / text_bytes, rel=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["char", "bpe", "gpt2"])
-def test_token_bytes_add_up_to_the_text(tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize("kind, extra", [("char", {}), ("char", {"unknown": "bytes"}), ("bpe", {}),
+                                         ("bpe", {"pre_tokenizer": "metaspace"}), ("gpt2", {})])
+def test_token_bytes_add_up_to_the_text(tmp_path: Path, kind: str, extra: dict) -> None:
     text = "Ünïcödé — naïve café 😀 x\n\ttabs and  spaces 日本語 ok"
     if kind == "gpt2":
         if not (SHARED / "gpt2_tokenizer" / "tokenizer.json").is_file():
@@ -142,8 +143,11 @@ def test_token_bytes_add_up_to_the_text(tmp_path: Path, kind: str) -> None:
     else:
         src = tmp_path / "t.txt"
         src.write_text(text + "\n\nmore text here\n", encoding="utf-8")
-        prepare([src], tmp_path / "d", DataConfig(tokenizer=kind, vocab_size=300, val_fraction=0.0), verbose=False)
+        prepare([src], tmp_path / "d", DataConfig(tokenizer=kind, vocab_size=300, val_fraction=0.0, **extra),
+                verbose=False)
         tok = toklib.load(tmp_path / "d")
+        if extra.get("unknown") == "bytes":  # characters the corpus never had fall back to byte tokens
+            text += " ∑≈"
     table = ev.token_byte_lengths(tok)
     ids = tok.encode(text)
     assert tok.decode(ids) == text
