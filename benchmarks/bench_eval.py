@@ -192,9 +192,11 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=120, help="size of the synthetic corpus for the index (MB)")
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds of the eval comparison")
     ap.add_argument("--work", default="/tmp/bench_eval", help="scratch folder")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--skip-index", action="store_true")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     emit({"bench": "machine", "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -124,9 +124,10 @@ def compare(runs: list[str | Path], metric: str = "val/loss", plot: str | Path |
         best = better(s, key=lambda x: x[2]) if s else None
         last_step = max(row["step"] for row in r)
         tokens = max((row.get("tokens", 0) for row in r), default=0)
-        table.append([n, last_step, tokens, s[-1][2] if s else None,
+        finals = [series(r, m) for m in extra]
+        table.append([n, last_step, tokens, f"{s[-1][2]:.4f}" if s else None,
                       f"{best[2]:.4f} (step {best[0]})" if best else None,
-                      *[(series(r, m) or [(0, 0, None)])[-1][2] for m in extra]])
+                      *[f"{f[-1][2]:.4f}" if f else None for f in finals]])
     out += _table(["run", "steps", "tokens", f"final {metric}", f"best {metric}", *[f"final {m}" for m in extra]],
                   table)
     configs = [run_config(p) for p in paths]

@@ -21,6 +21,7 @@ def register(subs: argparse._SubParsersAction) -> dict[str, Handler]:
     e.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
     e.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens of the split (default: 0 = all)")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
+    e.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: 0 = torch's default)")
     e.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     e.add_argument("--out", metavar="FILE", help="also write the result to FILE (.json: JSON, else Markdown)")
     e.add_argument("--samples", type=int, default=0, metavar="K",
@@ -74,8 +75,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name in ("batch_size", "top_k_acc"):
         if getattr(args, name) < 1:
             raise PocketLMError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.max_tokens < 0 or args.samples < 0:
-        raise PocketLMError("--max-tokens and --samples must be >= 0")
+    if args.max_tokens < 0 or args.samples < 0 or args.threads < 0:
+        raise PocketLMError("--max-tokens, --samples and --threads must be >= 0")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     own = run_dataset(args.model)
     data = args.data or (own if not args.samples else None)
     if not data and not args.samples:
