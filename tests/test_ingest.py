@@ -474,3 +474,13 @@ def test_progress_line_shows_rate_and_position(tmp_path, capsys, monkeypatch):
     ingest([str(p)], tmp_path / "o.jsonl", IngestOptions())
     err = capsys.readouterr().err
     assert re.search(r"ingest \| [\d.]+k? docs/s \| big\.jsonl \d+% ETA \d+s \| elapsed", err), err[-500:]
+
+
+def test_prepare_reads_what_ingest_writes(tmp_path):
+    from pocketlm.config import DataConfig
+    from pocketlm.data.prepare import prepare
+
+    out = tmp_path / "discord.jsonl"
+    run([discord_export(tmp_path / "export.json")], out, gap=parse_duration("30m"))
+    m = prepare([out], tmp_path / "ds", DataConfig(tokenizer="char", val_fraction=0.0), verbose=False)
+    assert m["splits"]["train"]["documents"] == 2

@@ -138,7 +138,7 @@ def read(item: str, ctx, fmt: str = "html") -> Iterator[Record]:
     if loaded is None:
         return
     html, meta = loaded
-    if isinstance(html, bytes) and not html.strip() or isinstance(html, str) and not html.strip():
+    if not html.strip():
         ctx.problems.report(item, "empty page")
         return
     if not ctx.opts.html_table:
