@@ -131,6 +131,8 @@ def test_restart_resumes_and_cli_exports(docs, tmp_path, capsys):
     assert main(["review", str(docs), "--export", str(out)]) == 0
     assert "exported 2 documents (1 edited)" in capsys.readouterr().out
     assert [d["text"] for d in read_records([out])] == ["First document: keep me.", "Fourth document, fixed."]
+    assert main(["review", str(docs), "--export", str(out), "--strict"]) == 2
+    assert "ocr.jsonl:5: malformed JSON" in capsys.readouterr().err
     # a document changed in the file is undecided again; the others keep their decisions
     lines = docs.read_text().splitlines()
     lines[0] = json.dumps(make("First document, changed.", "a.txt"))
@@ -152,6 +154,8 @@ def test_server_refuses_what_it_should(served):
     body = json.dumps({"decision": "accept"})
     assert _request(port, "POST", "/api/doc?i=0", body, {"Content-Type": "text/plain"})[0] == 415
     assert _request(port, "POST", "/api/doc?i=0", '{"decision": "maybe"}', {"Content-Type": "application/json"})[0] == 400
+    assert _request(port, "POST", "/api/doc?i=0", "{}", {"Content-Type": "application/json",
+                                                          "Content-Length": str(1 << 30)})[0] == 413
     assert review.summary()["undecided"] == 4
     status, raw = _request(port, "POST", "/api/doc?i=0", body, {"Content-Type": "application/json"})
     assert status == 200 and json.loads(raw)["summary"]["accepted"] == 1

@@ -82,13 +82,15 @@ def register(subs: argparse._SubParsersAction) -> dict[str, Handler]:
     r.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default: 8765; 0 = any free port)")
     r.add_argument("--open", action="store_true", help="open the page in the default browser")
     r.add_argument("--export", metavar="OUT", help="write the accepted (and edited) documents to OUT and exit")
+    r.add_argument("--strict", action="store_true", help="stop at the first malformed input line")
     return {"clean": cmd_clean, "split": cmd_split, "review": cmd_review}
 
 
 def cmd_review(args: argparse.Namespace) -> int:
+    from pocketlm.data.records import Problems
     from pocketlm.data.review import Review, make_server
 
-    review = Review(args.input, args.db)
+    review = Review(args.input, args.db, Problems(strict=args.strict))
     try:
         s = review.summary()
         if args.export:

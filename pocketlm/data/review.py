@@ -35,6 +35,7 @@ IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
                ".webp": "image/webp", ".bmp": "image/bmp"}
 STATIC = {"review.js": "text/javascript; charset=utf-8", "review.css": "text/css; charset=utf-8",
           "index.html": "text/html; charset=utf-8"}
+MAX_BODY = 16 << 20  # an edited document may be long, but not unbounded
 CSP = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'"
 
 
@@ -278,8 +279,11 @@ class Handler(BaseHTTPRequestHandler):
         i = self._index(parse_qs(url.query))
         if url.path != "/api/doc" or i is None:
             return self._error(HTTPStatus.NOT_FOUND, "no such document")
+        size = int(self.headers.get("Content-Length") or 0)
+        if size > MAX_BODY:
+            return self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"a decision is at most {MAX_BODY} bytes")
         try:
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            body = json.loads(self.rfile.read(size))
             text = body.get("text")
             if text is not None and not isinstance(text, str):
                 raise ValueError("text must be a string")
