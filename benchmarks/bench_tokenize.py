@@ -234,7 +234,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     corpus = work / "corpus.txt"
     n_bytes = int(args.gb * 1e9)
-    if not corpus.is_file() or corpus.stat().st_size != n_bytes:
+    if not corpus.is_file() or corpus.stat().st_size < n_bytes:
         t = time.perf_counter()
         make_corpus(corpus, n_bytes)
         emit({"figure": "generated", "mb": round(n_bytes / 1e6), "s": round(time.perf_counter() - t, 1)})
@@ -251,7 +251,7 @@ def main() -> None:
     if args.skip_prepare:
         return
     quarter = work / "corpus_quarter.txt"
-    if not quarter.is_file() or quarter.stat().st_size != n_bytes // 4:
+    if not quarter.is_file() or quarter.stat().st_size < n_bytes // 4:
         make_corpus(quarter, n_bytes // 4, seed=1)
     emit(run_prepare(quarter, tok_dir, work / "ds_quarter"))
     emit(tiktoken_file(enc, quarter))
