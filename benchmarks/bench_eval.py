@@ -127,7 +127,7 @@ def synth_corpus(mb: int, seed: int = 0) -> list[str]:
     return docs
 
 
-def bench_index(work: Path, mb: int) -> None:
+def bench_index(work: Path, mb: int, skip_reference: bool = False) -> None:
     from pocketlm.textindex import TextIndex, normalise, suffix_array_numpy
 
     t0 = time.perf_counter()
@@ -170,6 +170,9 @@ def bench_index(work: Path, mb: int) -> None:
           "seconds": round(sweep, 2), "ms_per_sample": round(sweep / 50 * 1000, 1), "longest": longest,
           "load": load_avg()})
     idx.close()
+    if skip_reference:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
 
     # the reference builder against libdivsufsort on a 10 MB slice
     data = np.frombuffer(b"\n".join(normalise(d) for d in docs[:len(docs) * 10 // mb]), dtype=np.uint8)[:10_000_000]
@@ -195,6 +198,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--skip-index", action="store_true")
+    ap.add_argument("--skip-reference", action="store_true", help="skip the numpy suffix sort (minutes)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -204,7 +208,7 @@ def main() -> None:
     if not args.skip_eval:
         bench_eval(work, args.rounds)
     if not args.skip_index:
-        bench_index(work, args.mb)
+        bench_index(work, args.mb, args.skip_reference)
 
 
 if __name__ == "__main__":

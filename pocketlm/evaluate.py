@@ -46,14 +46,16 @@ def batch_sums(logits: torch.Tensor, targets: torch.Tensor, k: int, token_bytes:
     V = logits.size(-1)
     logits, targets = logits.reshape(-1, V), targets.reshape(-1)
     keep = targets != IGNORE
-    logits, targets = logits[keep], targets[keep]
+    if not bool(keep.all()):  # copying the logits only when some targets are masked out
+        logits, targets = logits[keep], targets[keep]
     sums = torch.zeros(5, dtype=torch.float64)
     rows = max(1, ROWS_PER_CHUNK_ELEMS // V)
     for s in range(0, targets.numel(), rows):
         lg = logits[s:s + rows].float()
         tg = targets[s:s + rows]
         nll = F.cross_entropy(lg, tg, reduction="sum")
-        above = (lg > lg.gather(1, tg[:, None])).sum(1)  # logits that beat the target's
+        # logits that beat the target's; an int32 sum is ~6x faster than the default int64 one on CPU
+        above = (lg > lg.gather(1, tg[:, None])).sum(1, dtype=torch.int32)
         part = torch.stack([nll.double(), torch.tensor(tg.numel(), dtype=torch.float64, device=lg.device),
                             (above == 0).sum().double(), (above < k).sum().double(),
                             token_bytes[tg].sum().double() if token_bytes is not None else

@@ -90,9 +90,13 @@ class TextIndex:
         self._f = open(self.folder / "text.u8", "rb")
         self.text = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if self.n else b""
         sa_file = self.folder / self.meta["sa_file"]
-        self.sa = np.memmap(sa_file, dtype=self.meta["sa_dtype"], mode="r") if self.n else np.zeros(0, np.int64)
-        if len(self.sa) != self.n:
+        width = np.dtype(self.meta["sa_dtype"]).itemsize
+        if sa_file.stat().st_size != self.n * width:
             raise PocketLMError(f"{sa_file} is truncated: delete {self.folder} to rebuild the index")
+        self._sa_f = open(sa_file, "rb")
+        # a memoryview of the mapped file: indexing it gives Python ints ~20x faster than a numpy memmap
+        self._sa_map = mmap.mmap(self._sa_f.fileno(), 0, access=mmap.ACCESS_READ) if self.n else None
+        self.sa = memoryview(self._sa_map).cast("i" if width == 4 else "q") if self.n else memoryview(b"").cast("q")
 
     @classmethod
     def open(cls, folder: str | Path) -> TextIndex:
@@ -146,9 +150,12 @@ class TextIndex:
         return cls(folder)
 
     def close(self) -> None:
-        if isinstance(self.text, mmap.mmap):
-            self.text.close()
+        self.sa.release()
+        for m in (self.text, self._sa_map):
+            if isinstance(m, mmap.mmap):
+                m.close()
         self._f.close()
+        self._sa_f.close()
 
     # -- queries ------------------------------------------------------------------------------------------
     def _range(self, pattern: bytes, lo: int = 0, hi: int | None = None) -> tuple[int, int]:
@@ -158,7 +165,7 @@ class TextIndex:
         a, b = lo, hi
         while a < b:  # first suffix >= pattern
             mid = (a + b) // 2
-            p = int(sa[mid])
+            p = sa[mid]
             if text[p:p + m] < pattern:
                 a = mid + 1
             else:
@@ -166,7 +173,7 @@ class TextIndex:
         start, b = a, hi
         while a < b:  # first suffix whose m-byte prefix > pattern
             mid = (a + b) // 2
-            p = int(sa[mid])
+            p = sa[mid]
             if text[p:p + m] <= pattern:
                 a = mid + 1
             else:
