@@ -108,6 +108,14 @@ def read_config(folder: Path) -> GPTConfig:
                      bias=pl.get("bias", True))
 
 
+def is_pocketlm(folder: Path) -> bool:
+    """Whether a model folder was written by pocketlm's GPT (else it is any transformers model)."""
+    try:
+        return "pocketlm" in json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return True  # let load_model name the problem
+
+
 def resolve(path: str | Path) -> Path:
     """A run folder means its best/ (else last/); any other folder is taken as a checkpoint."""
     p = Path(path)

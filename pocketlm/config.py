@@ -108,18 +108,40 @@ class SampleConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Starting from a pretrained model (fine-tuning, SFT)."""
+
+    init_from: str = _f("", "start from: a Hugging Face model id or folder, a pocketlm run or checkpoint folder, "
+                            "or nanogpt:PATH/ckpt.pt ('' = train from scratch)")
+    add_special_tokens: list[str] = _f(None, "special tokens to add to the tokenizer (new embedding rows = mean "
+                                             "embedding); repeatable")
+    replay: str = _f("", "DATA:SHARE - draw this share of each batch from another prepared dataset with the "
+                         "same tokenizer (e.g. data/gutenberg:0.1)")
+    freeze_layers: str = _f("", "N = freeze the embeddings and the first N blocks; or comma-separated glob "
+                                "patterns of parameter names")
+    lora: bool = _f(False, "train LoRA adapters (peft) instead of all weights; merged into the saved model")
+    lora_rank: int = _f(16, "LoRA rank r")
+    lora_alpha: float = _f(32.0, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = _f(0.05, "dropout on the LoRA path")
+    lora_targets: str = _f("", "comma-separated module names to adapt ('' = attention and MLP projections of "
+                               "the architecture)")
+    lora_keep_adapter: bool = _f(False, "also save the adapter alone (adapter/ in each checkpoint, peft format)")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 
     def validate(self) -> Config:
-        m, t, d, smp = self.model, self.train, self.data, self.sample
-        for section in (m, t, d, smp):  # NaN and infinity pass every comparison below: refuse them first
+        m, t, d, smp, ft = self.model, self.train, self.data, self.sample, self.finetune
+        for section in (m, t, d, smp, ft):  # NaN and infinity pass every comparison below: refuse them first
             for k, v in vars(section).items():
                 if isinstance(v, float) and not math.isfinite(v):
                     raise ConfigError(f"{type(section).__name__.removesuffix('Config').lower()}.{k} must be a "
@@ -156,12 +178,15 @@ class Config:
             raise ConfigError("data.start_token must differ from data.eot_token, and data.workers must be >= 0")
         if any(not x for x in smp.stop or []):
             raise ConfigError("sample.stop strings must not be empty")
+        if ft.lora_rank < 1 or not 0 <= ft.lora_dropout < 1 or ft.lora_alpha <= 0:
+            raise ConfigError("finetune.lora_rank must be >= 1, lora_alpha > 0 and lora_dropout in [0, 1)")
         if t.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"train.dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}")
         return self
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "sample": SampleConfig}
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "sample": SampleConfig,
+                             "finetune": FinetuneConfig}
 
 
 def _divisor_near(n: int, k: int) -> int:
@@ -294,5 +319,5 @@ def save_yaml(cfg: Config, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-__all__ = ["Config", "ModelConfig", "DataConfig", "TrainConfig", "SampleConfig", "load", "apply", "from_dict",
+__all__ = ["Config", "ModelConfig", "DataConfig", "TrainConfig", "SampleConfig", "FinetuneConfig", "load", "apply", "from_dict",
            "save_yaml", "load_yaml", "PocketLMError", "ConfigError"]

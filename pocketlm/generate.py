@@ -76,10 +76,21 @@ def next_token(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor | Non
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+def load_model(path: str | Path, device: str | torch.device) -> tuple[torch.nn.Module, Path]:
+    """pocketlm's GPT for the folders pocketlm writes; any other causal LM through transformers, behind the
+    same interface with its own KV cache (pocketlm.finetune.hf)."""
+    folder = ckpt.resolve(path)
+    if ckpt.is_pocketlm(folder):
+        return ckpt.load_model(folder, device)
+    from pocketlm.finetune.hf import load_folder
+
+    return load_folder(folder, device), folder
+
+
 class Engine:
     """A model and its tokenizer, ready to generate. `Engine.load(run_or_checkpoint)`."""
 
-    def __init__(self, model: GPT, tok: toklib.Tok) -> None:
+    def __init__(self, model: torch.nn.Module, tok: toklib.Tok) -> None:
         self.model = model.eval()
         self.tok = tok
         self.device = next(model.parameters()).device
@@ -89,7 +100,7 @@ class Engine:
         from pocketlm.device import pick_device
 
         dev, _ = pick_device(device)
-        model, folder = ckpt.load_model(path, dev)
+        model, folder = load_model(path, dev)
         return cls(model, toklib.load(folder))
 
     @property
@@ -124,7 +135,10 @@ class Engine:
             seen = torch.zeros((n, self.model.config.vocab_size), dtype=torch.bool, device=self.device)
             seen[:, context[0, :length]] = True
         dtype = next(self.model.parameters()).dtype
-        cache = KVCache(self.model.config, n, T, self.device, dtype)
+        if isinstance(self.model, GPT):
+            cache = KVCache(self.model.config, n, T, self.device, dtype)
+        else:  # a transformers model keeps its own cache
+            cache = self.model.new_cache()
         logits, _ = self.model(context[:, max(0, length - T):length], cache=cache, last_only=True)
         for _ in range(p.max_new_tokens):
             tok = next_token(logits[:, -1], p, seen, gen)

@@ -69,6 +69,39 @@ class Task(Protocol):
     # evaluation report per-token metrics (acc, top-k, bits per byte); without it only the loss is reported
 
 
+class ModelSource(Protocol):
+    """Where the model comes from and how its checkpoints are written (Scratch: pretraining; fine-tuning
+    starts from a pretrained model through its own source)."""
+
+    def build(self) -> torch.nn.Module:
+        """The model to train, on the CPU; the loop moves it to the device."""
+
+    def save(self, model: torch.nn.Module, folder: Path, state: dict[str, torch.Tensor],
+             generation: dict[str, Any]) -> None:
+        """Write a standard model folder (weights, config, tokenizer) from the full `state` dict."""
+
+    def load_state(self, folder: Path) -> dict[str, torch.Tensor]:
+        """The full state dict of a saved checkpoint, keyed like the built model (for --resume)."""
+
+
+class Scratch:
+    """Pretraining: a fresh GPT shaped by cfg.model; checkpoints carry the dataset's tokenizer."""
+
+    def __init__(self, cfg: Config, dataset: Dataset | None) -> None:
+        self.cfg, self.dataset = cfg, dataset
+
+    def build(self) -> torch.nn.Module:
+        return GPT(GPTConfig(**vars(self.cfg.model)))
+
+    def save(self, model: torch.nn.Module, folder: Path, state: dict[str, torch.Tensor],
+             generation: dict[str, Any]) -> None:
+        eot = self.dataset.manifest["tokenizer"]["eot_id"] if self.dataset else None
+        ckpt.save_model(model, folder, self.dataset.path if self.dataset else None, eot, generation, state)
+
+    def load_state(self, folder: Path) -> dict[str, torch.Tensor]:
+        return ckpt.load_model(folder, "cpu")[0].state_dict()
+
+
 class LMTask:
     """Next-token prediction on a prepared dataset: random windows of block_size + 1 tokens."""
 
@@ -190,7 +223,7 @@ def check_resume_compatible(saved: dict[str, Any], cfg: Config) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config, task: Task | None = None, resume: bool = False, overwrite: bool = False,
-                 callbacks: list[Any] | None = None, verbose: bool = True) -> None:
+                 callbacks: list[Any] | None = None, verbose: bool = True, source: ModelSource | None = None) -> None:
         self.cfg, self.resume, self.callbacks = cfg, resume, callbacks or []
         t = cfg.train
         if not t.out:
@@ -219,7 +252,8 @@ class Trainer:
                                 f"({self.rt.world_size}) so the global batch stays batch_size x grad_accum")
         self.accum = t.grad_accum // self.rt.world_size
         torch.manual_seed(t.seed)
-        self.model = GPT(GPTConfig(**vars(cfg.model))).to(self.rt.device)
+        self.source = source or Scratch(cfg, self.dataset)
+        self.model = self.source.build().to(self.rt.device)
         parallel.shard(self.model, self.rt, t.strategy)
         # fused kernels on CUDA; elsewhere the multi-tensor path (torch defaults CPU to one tensor at a time)
         on_cuda = self.rt.device.type == "cuda"
@@ -249,8 +283,7 @@ class Trainer:
         folder = self.out / "last"
         meta, opt_state, rng = ckpt.load_trainer_state(folder)
         check_resume_compatible(meta["config"], self.cfg)
-        saved, _ = ckpt.load_model(folder, "cpu")
-        parallel.load_full_state(self.model, self.optimizer, saved.state_dict(), opt_state)
+        parallel.load_full_state(self.model, self.optimizer, self.source.load_state(folder), opt_state)
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
         if "cuda" in rng and self.rt.device.type == "cuda":
@@ -273,11 +306,10 @@ class Trainer:
         if self.rt.is_main:
             tmp = self.out / f".{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            eot = self.dataset.manifest["tokenizer"]["eot_id"] if self.dataset else None
             s = self.cfg.sample
             gen = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
                    "max_new_tokens": s.max_new_tokens, "repetition_penalty": s.repetition_penalty}
-            ckpt.save_model(self.model, tmp, self.dataset.path if self.dataset else None, eot, gen, model_state)
+            self.source.save(self.model, tmp, model_state, gen)
             meta = {"step": self.state.step, "tokens": self.state.tokens, "best_val": self.state.best_val,
                     "elapsed": self.state.elapsed, "config": self.cfg.to_dict()}
             ckpt.save_trainer_state(tmp, meta, opt_state, self._rng_state())
@@ -461,7 +493,13 @@ def _is_main_thread() -> bool:
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, task: Task | None = None,
           callbacks: list[Any] | None = None, verbose: bool = True) -> State:
-    """Train a model as `cfg` says; returns the final state (step, best val loss, metric history)."""
+    """Train a model as `cfg` says; returns the final state (step, best val loss, metric history).
+
+    With finetune.init_from set, the run starts from that pretrained model (pocketlm.finetune)."""
+    if cfg.finetune.init_from:
+        from pocketlm.finetune.run import finetune
+
+        return finetune(cfg, resume=resume, overwrite=overwrite, task=task, callbacks=callbacks, verbose=verbose)
     trainer = Trainer(cfg, task, resume, overwrite, callbacks, verbose)
     return trainer.fit()
 

@@ -32,6 +32,11 @@ ALIASES = {
     "sample.temperature": ["--temperature"], "sample.top_k": ["--top-k"], "sample.top_p": ["--top-p"],
     "sample.repetition_penalty": ["--repetition-penalty"], "sample.num_samples": ["--num-samples", "-n"],
     "sample.stop": ["--stop"], "train.log": ["--log"], "train.wandb_project": ["--wandb-project"],
+    "finetune.init_from": ["--init-from"], "finetune.add_special_tokens": ["--add-special-tokens"],
+    "finetune.replay": ["--replay"], "finetune.freeze_layers": ["--freeze-layers"], "finetune.lora": ["--lora"],
+    "finetune.lora_rank": ["--lora-rank"], "finetune.lora_alpha": ["--lora-alpha"],
+    "finetune.lora_dropout": ["--lora-dropout"], "finetune.lora_targets": ["--lora-targets"],
+    "finetune.lora_keep_adapter": ["--lora-keep-adapter"],
 }
 
 
@@ -57,9 +62,13 @@ def add_config_flags(p: argparse.ArgumentParser, sections: list[str], skip: set[
                 continue
             flags = [f"--{key}"] + [a for a in aliases.get(key, []) if a not in p._option_string_actions]
             default = None if f.default is dataclasses.MISSING else f.default
-            group.add_argument(*flags, dest=key, default=argparse.SUPPRESS, metavar=_metavar(section, name),
-                               action="append" if key == "sample.stop" else "store",
-                               help=f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%"))
+            kind = _metavar(section, name)
+            extra = {"nargs": "?", "const": "true"} if kind == "BOOL" else {}  # a bare --lora means true
+            is_list = configlib._base_type(configlib._hints(section)[name]) is list  # repeatable
+            group.add_argument(*flags, dest=key, default=argparse.SUPPRESS, metavar=kind,
+                               action="append" if is_list else "store",
+                               help=f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%"),
+                               **extra)
 
 
 def _metavar(section: str, name: str) -> str:

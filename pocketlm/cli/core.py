@@ -44,7 +44,7 @@ def register(subs: argparse._SubParsersAction) -> dict[str, Handler]:
                    help="data-parallel processes on this machine, launched through torchrun (default: 1)")
     t.add_argument("--max-restarts", type=int, default=0,
                    help="with --nproc: restart the workers this often after a failure; they resume (default: 0)")
-    add_config_flags(t, ["model", "train", "data", "sample"], extra_aliases={"train.out": ["--out"]})
+    add_config_flags(t, ["model", "train", "data", "sample", "finetune"], extra_aliases={"train.out": ["--out"]})
 
     g = subs.add_parser("generate", help="sample text from a run or checkpoint folder", formatter_class=fmt)
     g.add_argument("model", help="run folder (uses best/) or checkpoint folder")

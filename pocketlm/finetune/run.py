@@ -1,0 +1,165 @@
+"""A fine-tuning run: the pretrained start, vocabulary checks, frozen layers or LoRA, the one training loop,
+and the target data's validation loss before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pocketlm import checkpoint as ckpt
+from pocketlm import tokenizer as toklib
+from pocketlm.config import Config
+from pocketlm.data.prepare import Dataset
+from pocketlm.errors import PocketLMError
+from pocketlm.finetune import adapt
+from pocketlm.finetune import start as startlib
+from pocketlm.finetune.hf import HFModel
+from pocketlm.model import GPT
+from pocketlm.train import LMTask, State, Task, Trainer
+
+
+def save_tokenizer(tok: Any, folder: Path, max_length: int | None) -> None:
+    """The tokenizer's own save_pretrained; the chat template goes into tokenizer_config.json itself."""
+    tok.save_pretrained(str(folder))
+    jinja = folder / "chat_template.jinja"
+    jinja.unlink(missing_ok=True)
+    file = folder / "tokenizer_config.json"
+    cfg = json.loads(file.read_text(encoding="utf-8"))
+    if getattr(tok, "chat_template", None):
+        cfg["chat_template"] = tok.chat_template
+    if max_length:
+        cfg["model_max_length"] = max_length
+    file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+class Pretrained:
+    """The ModelSource of a fine-tuning run: the loaded (and adapted) model; saves merge LoRA adapters."""
+
+    def __init__(self, start: startlib.Start, dataset: Dataset | None, lora: Any = None,
+                 keep_adapter: bool = False) -> None:
+        self.start, self.dataset, self.lora, self.keep_adapter = start, dataset, lora, keep_adapter
+
+    def build(self) -> torch.nn.Module:
+        return self.start.model
+
+    def save(self, model: torch.nn.Module, folder: Path, state: dict[str, torch.Tensor],
+             generation: dict[str, Any]) -> None:
+        tok = self.start.tokenizer
+        if self.lora is not None:
+            state = adapt.merged_state(model)
+        if isinstance(model, GPT):
+            eot = tok.eos_token_id if tok is not None else self.dataset.manifest["tokenizer"]["eot_id"]
+            ckpt.save_model(model, folder, None if tok is not None else self.dataset.path, eot, generation, state)
+            if tok is not None:
+                save_tokenizer(tok, folder, model.config.block_size)
+                toklib.set_max_length(folder, model.config.block_size)
+        else:
+            model.save(folder, state)
+            gen_file = folder / "generation_config.json"
+            gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+            gen.update({"do_sample": True, **generation})
+            gen_file.write_text(json.dumps(gen, indent=2) + "\n")
+            save_tokenizer(tok, folder, model.config.block_size)
+        if self.lora is not None and self.keep_adapter:
+            adapt.save_adapter(model, self.lora, folder / "adapter", self.start.source)
+
+    def load_state(self, folder: Path) -> dict[str, torch.Tensor]:
+        if isinstance(self.start.model, GPT):
+            return ckpt.load_model(folder, "cpu")[0].state_dict()
+        from transformers import AutoModelForCausalLM
+
+        return HFModel(AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)).state_dict()
+
+
+def data_vocab(dataset: Dataset) -> tuple[dict[str, int], list[str]]:
+    from tokenizers import Tokenizer
+
+    tk = Tokenizer.from_file(str(dataset.path / "tokenizer.json"))
+    specials = [t.content for t in tk.get_added_tokens_decoder().values() if t.special]
+    return tk.get_vocab(with_added_tokens=True), specials
+
+
+def prepare_start(cfg: Config, dataset: Dataset | None, extra_tokens: list[str] = (),
+                  verbose: bool = True) -> startlib.Start:
+    """Load the init model, align its vocabulary with the dataset, add the special tokens asked for."""
+    ft = cfg.finetune
+    start = startlib.load(ft.init_from)
+    if dataset is not None:
+        added = startlib.align_vocab(start, *data_vocab(dataset), where=str(dataset.path))
+        if added and verbose:
+            print(f"pocketlm: added the dataset's special tokens {added} to the model", file=sys.stderr)
+    startlib.add_tokens(start, [*(ft.add_special_tokens or []), *extra_tokens])
+    return start
+
+
+def fit_config(cfg: Config, model: torch.nn.Module) -> None:
+    """Record the model's real shape in cfg.model (written to config.yaml); the window must fit the model."""
+    m = model.config
+    if cfg.model.block_size > m.block_size:
+        raise PocketLMError(f"model.block_size {cfg.model.block_size} exceeds the pretrained model's context of "
+                            f"{m.block_size} tokens: lower --block-size")
+    cfg.model.vocab_size = m.vocab_size
+    if isinstance(model, GPT):
+        cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd = m.n_layer, m.n_head, m.n_embd
+        cfg.model.bias = m.bias
+
+
+def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, task: Task | None = None,
+             callbacks: list[Any] | None = None, verbose: bool = True,
+             start: startlib.Start | None = None) -> State:
+    """Train from cfg.finetune.init_from (or a prepared `start`) with the one loop; report before/after loss."""
+    ft = cfg.finetune
+    if resume and ft.lora:
+        raise PocketLMError("--resume is not supported for LoRA runs yet (checkpoints hold merged weights): "
+                            "start a new run from the last checkpoint with --init-from RUN/last")
+    dataset = getattr(task, "dataset", None) if task is not None else Dataset(cfg.data.path)
+    if start is None:
+        start = prepare_start(cfg, dataset, verbose=verbose)
+    fit_config(cfg, start.model)
+    if task is None:
+        target = LMTask(dataset, cfg.model.block_size)
+        task = target
+        if ft.replay:
+            from pocketlm.finetune.tasks import ReplayTask, parse_replay
+
+            path, share = parse_replay(ft.replay)
+            task = ReplayTask(target, LMTask(Dataset(path), cfg.model.block_size), share)
+    torch.manual_seed(cfg.train.seed)  # LoRA's initialisation is part of the run's seed
+    if ft.freeze_layers and not ft.lora:
+        adapt.freeze(start.model, ft.freeze_layers)
+    lora = None
+    if ft.lora:
+        lora = adapt.apply_lora(start.model, start.arch, ft.lora_rank, ft.lora_alpha, ft.lora_dropout,
+                                ft.lora_targets)
+    trainable = sum(p.numel() for p in start.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in start.model.parameters())
+    if verbose:
+        how = f"LoRA r={ft.lora_rank}" if lora else ("frozen: " + ft.freeze_layers if ft.freeze_layers else "full")
+        print(f"pocketlm: fine-tuning {start.source} ({start.arch}, {start.kind}); {how}; "
+              f"{trainable / 1e6:.2f}M of {total / 1e6:.2f}M parameters train", file=sys.stderr)
+    source = Pretrained(start, dataset, lora, ft.lora_keep_adapter)
+    trainer = Trainer(cfg, task, resume, overwrite, callbacks, verbose, source=source)
+    before = None
+    if not resume:
+        before = trainer.evaluate("val")
+        trainer._emit("on_eval", {"step": 0, "val/loss_before": before})
+    state = trainer.fit()
+    if verbose and trainer.rt.is_main:
+        if before is None:
+            before = next((r["val/loss_before"] for r in _metrics(trainer.out) if "val/loss_before" in r), None)
+        shown = f"{before:.4f}" if before is not None else "?"
+        print(f"fine-tuning: val loss on the target data {shown} before -> {state.best_val:.4f} after "
+              f"(best checkpoint)", file=sys.stderr)
+    return state
+
+
+def _metrics(out: Path) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    except (OSError, ValueError):
+        return []
