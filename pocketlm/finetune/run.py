@@ -163,3 +163,33 @@ def _metrics(out: Path) -> list[dict[str, Any]]:
         return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     except (OSError, ValueError):
         return []
+
+
+def sft(cfg: Config, data: str | Path, val: str | Path | None = None, resume: bool = False,
+        overwrite: bool = False, callbacks: list[Any] | None = None, verbose: bool = True) -> State:
+    """Supervised fine-tuning on a JSONL of conversations, from cfg.finetune.init_from."""
+    from pocketlm.finetune import sft as sftlib
+
+    if not cfg.finetune.init_from:
+        raise PocketLMError("sft needs a model to start from: pass --init-from MODEL (hub id, folder, run)")
+    convs = sftlib.read_examples(data)
+    if val:
+        train_convs, val_convs = convs, sftlib.read_examples(val)
+    else:
+        mask = sftlib.split_examples(len(convs), cfg.data.val_fraction, cfg.data.split_seed)
+        train_convs = [c for c, v in zip(convs, mask) if not v]
+        val_convs = [c for c, v in zip(convs, mask) if v]
+    start = startlib.load(cfg.finetune.init_from)
+    if start.tokenizer is None:
+        raise PocketLMError("a nanoGPT checkpoint carries no tokenizer: fine-tune it on a prepared dataset first "
+                            "(pocketlm train --init-from nanogpt:...), then run sft from that run")
+    chat_tokens = sftlib.ensure_chat_template(start.tokenizer)
+    startlib.add_tokens(start, [*(cfg.finetune.add_special_tokens or []), *chat_tokens])
+    fit_config(cfg, start.model)
+    task = sftlib.SFTTask(start.tokenizer, train_convs, val_convs, cfg.model.block_size)
+    if verbose:
+        rows = {k: len(v[0]) for k, v in task.splits.items()}
+        print(f"pocketlm: SFT on {len(train_convs)} train / {len(val_convs)} val conversations packed into "
+              f"{rows['train']} / {rows['val']} rows of {cfg.model.block_size} tokens"
+              + (f"; {task.truncated} cut to fit" if task.truncated else ""), file=sys.stderr)
+    return finetune(cfg, resume, overwrite, task=task, callbacks=callbacks, verbose=verbose, start=start)
