@@ -137,15 +137,13 @@ def test_special_tokens_on_a_full_gpt2_vocabulary(tmp_path: Path) -> None:
     emb = start.model.hf.get_input_embeddings().weight
     assert new == [50257] and emb.shape[0] == 50258
     assert torch.allclose(emb[50257], old.mean(0)) and torch.equal(emb[:50257], old)
-    # a dataset whose tokenizer carries the start token, documents beginning with it
-    tok_dir = tmp_path / "tok"
-    t = AutoTokenizer.from_pretrained(str(FAKE_GPT2))
-    t.add_tokens(["<|gtx|>"], special_tokens=True)
-    t.save_pretrained(str(tok_dir))
+    # prepare writes the start token before every document (and into the dataset's tokenizer)
     text = tmp_path / "gtx.txt"
-    text.write_text("\n\n".join(f"<|gtx|>>be me\n>doc {i} of the cat" for i in range(40)) + "\n")
+    text.write_text("\n\n".join(f">be me\n>doc {i} of the cat" for i in range(40)) + "\n")
     data = tmp_path / "data"
-    prepare([text], data, DataConfig(tokenizer=str(tok_dir), val_fraction=0.2), verbose=False)
+    prepare([text], data, DataConfig(tokenizer=str(FAKE_GPT2), start_token="<|gtx|>", val_fraction=0.2),
+            verbose=False)
+    assert 50257 in Dataset(data).split("train")[:20].tolist()
     run = tmp_path / "run"
     train(tiny_config(data, run, **{**FT, "train.max_steps": 2, "finetune.init_from": str(FAKE_GPT2),
                                     "finetune.add_special_tokens": ["<|gtx|>"]}), verbose=False)
