@@ -264,3 +264,28 @@ def test_replay_mixes_the_asked_share(tmp_path: Path, bpe_data: Path) -> None:
     prepare([other], char, DataConfig(tokenizer="char", val_fraction=0.2), verbose=False)
     with pytest.raises(PocketLMError, match="different tokenizer"):
         ReplayTask(target, LMTask(Dataset(char), 16), 0.1)
+
+
+@pytest.mark.slow
+def test_resume_a_transformers_finetune_exactly(tmp_path: Path, bpe_data: Path) -> None:
+    from pocketlm.train import Trainer
+    from pocketlm.finetune.run import Pretrained, prepare_start
+
+    base = make_hf("gpt2", tmp_path / "gpt2", bpe_data)  # dropout 0.1: the RNG state must resume too
+    over = {**FT, "finetune.init_from": str(base), "train.log_interval": 1}
+    full = tmp_path / "full"
+    train(tiny_config(bpe_data, full, **over), verbose=False)
+    part = tmp_path / "part"
+    cfg = tiny_config(bpe_data, part, **over)
+    trainer = Trainer(cfg, verbose=False, source=Pretrained(prepare_start(cfg, Dataset(bpe_data), verbose=False),
+                                                            Dataset(bpe_data)))
+
+    class StopAt3:
+        def on_log(self, step: int, record: dict) -> None:
+            trainer.stop_requested = step >= 3
+
+    trainer.callbacks.append(StopAt3())
+    assert trainer.fit().step == 3
+    train(tiny_config(bpe_data, part, **over), resume=True, verbose=False)
+    losses = [{r["step"]: r["train/loss"] for r in rows(run) if "train/loss" in r} for run in (full, part)]
+    assert losses[0] == losses[1]

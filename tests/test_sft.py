@@ -110,7 +110,7 @@ def test_sft_run_template_roundtrip_and_chat(tmp_path: Path) -> None:
     # chat through the real CLI, driven on stdin
     lines = "Name a colour.\n/system Answer in one word.\nAnd another?\n/reset\nHello\n/quit\n"
     r = subprocess.run([sys.executable, "-m", "pocketlm", "chat", str(run), "--temperature", "0",
-                        "--max-new-tokens", "8"], input=lines, capture_output=True, text=True, timeout=120)
+                        "--max-new-tokens", "8"], input=lines, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("assistant> ") == 3
     assert "(system message set)" in r.stderr and "(conversation cleared)" in r.stderr

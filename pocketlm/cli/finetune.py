@@ -24,8 +24,7 @@ def register(subs: argparse._SubParsersAction) -> dict[str, Handler]:
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     s.add_argument("--overwrite", action="store_true", help="delete the run in --out and start over")
     add_config_flags(s, ["finetune", "model", "train", "sample", "data"], extra_aliases={"train.out": ["--out"]},
-                     skip={"data.path", "data.tokenizer", "data.vocab_size", "data.separator", "data.eot_token",
-                           "data.test_fraction"})
+                     skip={f"data.{k}" for k in configlib.fields_of("data")} - {"data.val_fraction", "data.split_seed"})
 
     c = subs.add_parser("chat", help="multi-turn chat in the terminal with a model trained by sft", formatter_class=fmt)
     c.add_argument("model", help="run folder (uses best/) or model folder with a chat template")

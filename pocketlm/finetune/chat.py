@@ -35,7 +35,7 @@ class Chat:
         budget = max(self.engine.block_size - self.params.max_new_tokens, self.engine.block_size // 2)
         while True:
             text = sftlib.render(self.tok, self.messages(), add_generation_prompt=True)
-            ids = self.tok(text, add_special_tokens=False)["input_ids"]
+            ids = self.tok(text, add_special_tokens=False, verbose=False)["input_ids"]
             if len(ids) <= budget or len(self.history) <= 1:
                 return ids[-budget:]
             drop = 2 if len(self.history) > 2 and self.history[1]["role"] == "assistant" else 1

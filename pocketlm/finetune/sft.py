@@ -111,7 +111,7 @@ def encode(tok: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[in
             raise PocketLMError("the chat template does not render conversations prefix by prefix; pocketlm cannot "
                                 "locate the assistant tokens")
         spans.append((len(head), len(upto)))
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     labels = [t if any(a <= s < b for a, b in spans) else -100 for t, (s, _) in zip(enc["input_ids"],
                                                                                      enc["offset_mapping"])]
     return list(enc["input_ids"]), labels
