@@ -146,7 +146,7 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, task: T
     trainer = Trainer(cfg, task, resume, overwrite, callbacks, verbose, source=source)
     before = None
     if not resume:
-        before = trainer.evaluate("val")
+        before = trainer.evaluate("val")["loss"]
         trainer._emit("on_eval", {"step": 0, "val/loss_before": before})
     state = trainer.fit()
     if verbose and trainer.rt.is_main:

@@ -184,3 +184,8 @@ class SFTTask:
     def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
         return model(x, y)[1]
+
+    def logits(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """For evaluation: per-token metrics over the assistant tokens (the rest is -100)."""
+        x, y = batch
+        return model(x)[0], y

@@ -65,3 +65,6 @@ class ReplayTask:
 
     def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         return self.target.loss(model, batch)
+
+    def logits(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, ...]:
+        return self.target.logits(model, batch)
