@@ -76,12 +76,13 @@ def assign_splits(sources: list[Source], counts: list[int], cfg: DataConfig) -> 
     split = np.zeros(total, dtype=np.uint8)
     fixed = {"val": any(s.split == "val" for s in sources), "test": any(s.split == "test" for s in sources)}
     free_idx: list[np.ndarray] = []
+    index = np.int32 if total < 2**31 else np.int64  # 4 bytes per document for the permutation, not 8
     start = 0
     for src, n in zip(sources, counts):
         if src.split:
             split[start:start + n] = SPLITS.index(src.split)
         else:
-            free_idx.append(np.arange(start, start + n))
+            free_idx.append(np.arange(start, start + n, dtype=index))
         start += n
     free = np.concatenate(free_idx) if free_idx else np.zeros(0, dtype=np.int64)
     perm = np.random.default_rng(cfg.split_seed).permutation(free)
