@@ -53,9 +53,21 @@ def library_ids(tok: toklib.Tok, texts: list[str]) -> list[list[int]]:
 def test_bpe_round_trips_any_unicode_and_the_fast_path_equals_the_library(bpes, pre: str, text: str) -> None:
     tok = bpes[pre]
     assert tok.words is not None  # every pre-tokenizer kind takes the word-cache path
-    fast = tok.encode_batch([text, TEXT + text])
+    fast = tok.encode_batch([text, TEXT + text], ordinary=True)
     assert fast == library_ids(tok, [text, TEXT + text])
     assert tok.decode(fast[0]) == text
+    # by default special-token strings become their ids, as in the library (hypothesis finds "<|endoftext|>")
+    assert tok.encode_batch([text]) == [e.ids for e in tok.tk.encode_batch([text], add_special_tokens=False)]
+
+
+@pytest.mark.parametrize("text", [EOT, f"a {EOT} b", START])
+@pytest.mark.parametrize("pre", toklib.PRE_TOKENIZERS)
+def test_special_strings_are_plain_text_only_when_ordinary(bpes, pre: str, text: str) -> None:
+    tok = bpes[pre]
+    special = {tok.tk.token_to_id(EOT), tok.tk.token_to_id(START)}
+    assert special & set(tok.encode_batch([text])[0])
+    assert not special & set(tok.encode_batch([text], ordinary=True)[0])
+    assert tok.decode(tok.encode_batch([text], ordinary=True)[0]) == text
 
 
 @pytest.mark.parametrize("pre", toklib.PRE_TOKENIZERS)
