@@ -234,8 +234,17 @@ def quantize(src: Path, kind: str, dst: Path) -> None:
         raise PocketLMError("this onnxruntime has no 4-bit quantizer (MatMulNBitsQuantizer, onnxruntime >= 1.17); "
                             "upgrade onnxruntime or use --quantize int8") from None
     q = MatMulNBitsQuantizer(model, block_size=32, is_symmetric=True)
-    with contextlib.redirect_stdout(io.StringIO()):
-        q.process()
+    quiet = [logging.getLogger(n) for n in ("onnxruntime.quantization.matmul_nbits_quantizer",
+                                             "onnxruntime.quantization")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)  # one INFO line per quantized matmul otherwise
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            q.process()
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
     q.model.save_model_to_file(str(dst), use_external_data_format=False)
 
 
