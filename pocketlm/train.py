@@ -54,7 +54,11 @@ def lr_at(step: int, cfg: configlib.TrainConfig) -> float:
 
 
 class Task(Protocol):
-    """What a kind of training supplies to the loop (LMTask is pretraining; SFT and preference tuning add theirs)."""
+    """What a kind of training supplies to the loop (LMTask is pretraining; SFT and preference tuning add theirs).
+
+    Optional hook, found with hasattr: `metrics(split) -> dict` adds the task's own metrics to each "train"
+    log line and "val" evaluation (preference tuning: rewards, margins, accuracy).
+    """
 
     dataset: Dataset | None
 
@@ -413,7 +417,7 @@ class Trainer:
                                           "tflops": round(tps * flops_per_token / 1e12, 4),
                                           "mfu": round(tps * flops_per_token / peak, 5),
                                           "peak_mem_mb": round(track.peak_memory_mb(rt.device), 1),
-                                          "elapsed_s": round(st.elapsed, 2)})
+                                          "elapsed_s": round(st.elapsed, 2), **self._task_metrics("train")})
                     shown = f"loss {loss_value:.4f} | {tps:,.0f} tok/s"
                 bar.update(1, shown)
                 if st.step % t.eval_interval == 0 or st.step == t.max_steps:
@@ -449,6 +453,7 @@ class Trainer:
         if improved:
             st.best_val = val
         record["val/best_loss"] = st.best_val
+        record.update(self._task_metrics("val"))
         self._emit("on_eval", record)
         if self.verbose:
             tag = " (best)" if improved else ""
@@ -457,6 +462,10 @@ class Trainer:
         if improved:
             self.save("best", with_optimizer=False)
         self.save("last", with_optimizer=True)
+
+    def _task_metrics(self, split: str) -> dict[str, float]:
+        """A task's own metrics since it was last asked (preference tuning: rewards, margins, accuracy)."""
+        return self.task.metrics(split) if hasattr(self.task, "metrics") else {}
 
     def _emit(self, hook: str, record: dict[str, Any]) -> None:
         st = self.state
