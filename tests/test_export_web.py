@@ -80,18 +80,20 @@ def test_page_generates_python_greedy_text_offline(tmp_path: Path, npm_modules: 
 
 @pytest.mark.slow
 @pytest.mark.browser
-def test_int8_page_matches_onnxruntime_python(tmp_path: Path, npm_modules: Path) -> None:
-    """The int8 page ships only model_quantized.onnx; the browser's WASM kernels pick the tokens onnxruntime
-    picks in Python on the same file."""
+@pytest.mark.parametrize("kind", ["int8", "q4", "fp16"])
+def test_quantized_page_matches_onnxruntime_python(tmp_path: Path, npm_modules: Path, kind: str) -> None:
+    """A quantized page ships only its variant; the browser's WASM kernels pick the tokens onnxruntime picks
+    in Python on the same file (fp16: half-precision logits and cache decoded in the page)."""
     from pocketlm.export import onnx as ox
     from pocketlm.export.browser import Page
 
     bpe_model(tmp_path / "ckpt", tmp_path)
     site = tmp_path / "site"
-    exp.export(tmp_path / "ckpt", "web", site, quantize="int8", verbose=False, check_tokens=20)
-    assert [p.name for p in (site / "models" / "ckpt" / "onnx").iterdir()] == ["model_quantized.onnx"]
+    exp.export(tmp_path / "ckpt", "web", site, quantize=kind, verbose=False, check_tokens=20)
+    file = site / "models" / "ckpt" / "onnx" / ox.VARIANT_FILES[kind]
+    assert list(file.parent.iterdir()) == [file]
     tok = toklib.load(tmp_path / "ckpt")
-    ids = ox.decode(ox.OrtDecoder(site / "models/ckpt/onnx/model_quantized.onnx"), tok.encode(PROMPT), 50, 32)
+    ids = ox.decode(ox.OrtDecoder(file), tok.encode(PROMPT), 50, 32)
     with Page(site) as page:
         page.open()
         text, stats = page.generate(PROMPT, max_new_tokens=50, temperature=0, stop_at_eot=False)
