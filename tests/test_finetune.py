@@ -79,6 +79,10 @@ def test_finetune_transformers_model_and_generate(tmp_path: Path, bpe_data: Path
     best = run / "best"
     assert json.loads((best / "config.json").read_text())["model_type"] == kind
     assert "pocketlm" not in json.loads((best / "config.json").read_text())
+    import yaml
+
+    recorded = yaml.safe_load((run / "config.yaml").read_text())["model"]  # the model's real shape
+    assert (recorded["n_layer"], recorded["n_head"], recorded["n_embd"]) == (2, 2, 16)
     # the engine loads the transformers folder and its KV cache agrees with transformers' greedy generate
     engine = Engine.load(run, "cpu")
     prompt = "the cat sat"

@@ -107,6 +107,11 @@ def fit_config(cfg: Config, model: torch.nn.Module) -> None:
     if isinstance(model, GPT):
         cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd = m.n_layer, m.n_head, m.n_embd
         cfg.model.bias = m.bias
+        return
+    hc = model.hf.config
+    heads = getattr(hc, "num_attention_heads", None) or getattr(hc, "n_head", None)
+    if m.n_layer and m.n_embd and isinstance(heads, int) and heads > 0 and m.n_embd % heads == 0:
+        cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd = m.n_layer, heads, m.n_embd
 
 
 def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, task: Task | None = None,
