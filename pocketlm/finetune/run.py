@@ -5,6 +5,7 @@ and the target data's validation loss before and after.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,9 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, task: T
     if start is None:
         start = prepare_start(cfg, dataset, verbose=verbose)
     fit_config(cfg, start.model)
+    if cfg.train.strategy == "fsdp" and not isinstance(start.model, GPT) and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise PocketLMError("train.strategy fsdp shards pocketlm's GPT only; fine-tune a transformers model with "
+                            "--strategy ddp")
     if task is None:
         target = LMTask(dataset, cfg.model.block_size)
         task = target
