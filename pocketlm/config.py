@@ -36,6 +36,10 @@ class ModelConfig:
     block_size: int = _f(256, "context length in tokens")
     dropout: float = _f(0.0, "dropout on embeddings, attention and residuals (0 for short runs)")
     bias: bool = _f(True, "biases in Linear and LayerNorm layers (GPT-2 has them)")
+    pos_emb: str = _f("learned", "positions: 'learned' (GPT-2) or 'rotary' (Llama; with rmsnorm and swiglu)")
+    norm: str = _f("layernorm", "'layernorm' (GPT-2) or 'rmsnorm' (Llama; with rotary and swiglu)")
+    mlp: str = _f("gelu", "'gelu' (GPT-2, 4 x n_embd) or 'swiglu' (Llama, gated, ~8/3 x n_embd; with rotary "
+                  "and rmsnorm)")
 
 
 @dataclass
@@ -83,6 +87,11 @@ class TrainConfig:
     device: str = _f("auto", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
     dtype: str = _f("auto", "'auto', 'float32', 'bfloat16' or 'float16' (autocast; GPU only)")
     compile: bool = _f(False, "torch.compile the model (measure first: it helps most on GPUs)")
+    optimizer: str = _f("adamw", "'adamw', or 'muon' (Muon for the blocks' matrices, AdamW for the rest)")
+    muon_lr: float = _f(0.02, "Muon's peak learning rate (follows the same schedule as lr)")
+    muon_momentum: float = _f(0.95, "Muon's Nesterov momentum")
+    time_budget: str = _f("", "train for this long instead of max_steps ('90s', '10m', '2h'; evaluations count); "
+                          "the learning-rate schedule follows the share of the budget spent")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
     strategy: str = _f("ddp", "with several processes: 'ddp' (replicate the model) or 'fsdp' (shard it)")
     eval_top_k: int = _f(10, "k of the top-k accuracy reported at each evaluation (val/top10_acc)")
@@ -161,6 +170,10 @@ class Config:
                 f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
                 f"try --model.n_head {_divisor_near(m.n_embd, m.n_head)}"
             )
+        layout = (m.pos_emb, m.norm, m.mlp)
+        if layout not in LAYOUTS:
+            raise ConfigError(f"model.pos_emb/norm/mlp = {'/'.join(layout)} has no Hugging Face layout to save to: "
+                              "use learned/layernorm/gelu (GPT-2) or rotary/rmsnorm/swiglu (Llama)")
         if not 0.0 <= m.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
         if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
@@ -180,9 +193,33 @@ class Config:
             raise ConfigError("sample.stop strings must not be empty")
         if ft.lora_rank < 1 or not 0 <= ft.lora_dropout < 1 or ft.lora_alpha <= 0:
             raise ConfigError("finetune.lora_rank must be >= 1, lora_alpha > 0 and lora_dropout in [0, 1)")
+        if t.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"train.optimizer must be adamw or muon, got {t.optimizer!r}")
+        if t.muon_lr <= 0 or not 0 <= t.muon_momentum < 1:
+            raise ConfigError("train.muon_lr must be > 0 and train.muon_momentum in [0, 1)")
+        seconds(t.time_budget)
         if t.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"train.dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}")
         return self
+
+
+# (pos_emb, norm, mlp) -> the Hugging Face architecture checkpoints are saved as
+LAYOUTS = {("learned", "layernorm", "gelu"): "GPT2LMHeadModel", ("rotary", "rmsnorm", "swiglu"): "LlamaForCausalLM"}
+
+
+def seconds(duration: str) -> float:
+    """'90s', '10m', '2h' or a plain number of seconds -> seconds; '' -> 0 (no budget)."""
+    text = duration.strip().lower()
+    if not text:
+        return 0.0
+    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1])
+    try:
+        value = float(text[:-1] if scale else text) * (scale or 1)
+    except ValueError:
+        value = -1.0
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"train.time_budget must be a duration like 90s, 10m or 2h, got {duration!r}")
+    return value
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "sample": SampleConfig,

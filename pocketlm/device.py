@@ -109,3 +109,4 @@ def setup(device: str = "auto", dtype: str = "auto", threads: int = 0) -> Runtim
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+

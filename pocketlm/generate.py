@@ -139,20 +139,34 @@ class Engine:
             cache = KVCache(self.model.config, n, T, self.device, dtype)
         else:  # a transformers model keeps its own cache
             cache = self.model.new_cache()
-        logits, _ = self.model(context[:, max(0, length - T):length], cache=cache, last_only=True)
+        if isinstance(self.model, GPT) and self.model.decodable():
+            step = self.model.decode
+        else:
+            step = (lambda tok, cache: self.model(tok, cache=cache, last_only=True)[0][:, -1])
+        logits = self._prefill(context[:, max(0, length - T):length], cache)
         for _ in range(p.max_new_tokens):
-            tok = next_token(logits[:, -1], p, seen, gen)
+            tok = next_token(logits, p, seen, gen)
             yield tok
             context[:, length] = tok
             length += 1
             if seen is not None:
                 seen[torch.arange(n, device=self.device), tok] = True
             if cache.pos < T:
-                logits, _ = self.model(tok[:, None], cache=cache, last_only=True)
+                logits = step(tok[:, None], cache)
             else:  # window full: keep the last 3/4 and prefill again
                 cache.reset()
-                keep = T - T // 4
-                logits, _ = self.model(context[:, length - keep:length], cache=cache, last_only=True)
+                logits = self._prefill(context[:, length - (T - T // 4):length], cache)
+
+    def _prefill(self, context: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run (n, T) context through the model into the cache -> last logits (n, vocab). The samples of a
+        batch share their context until they are sampled apart: compute it once and copy the cache rows."""
+        n = context.size(0)
+        if n > 1 and isinstance(cache, KVCache) and bool((context == context[:1]).all()):
+            logits, _ = self.model(context[:1], cache=cache, last_only=True)
+            cache.k[:, 1:] = cache.k[:, :1]
+            cache.v[:, 1:] = cache.v[:, :1]
+            return logits[:, -1].expand(n, -1)
+        return self.model(context, cache=cache, last_only=True)[0][:, -1]
 
     def generate(self, prompt: str | list[int], p: SamplingParams, n: int = 1) -> list[Completion]:
         """n completions of the prompt (batched), each ending at end-of-text, a stop string or the length."""

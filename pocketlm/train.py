@@ -33,23 +33,28 @@ from pocketlm import atomic
 from pocketlm import checkpoint as ckpt
 from pocketlm import config as configlib
 from pocketlm import evaluate as evallib
-from pocketlm import parallel
+from pocketlm import optim, parallel
 from pocketlm import track
 from pocketlm.config import Config
 from pocketlm.data.prepare import Dataset
 from pocketlm.device import Runtime, setup, teardown
 from pocketlm.errors import PocketLMError
 from pocketlm.model import GPT, GPTConfig
+from pocketlm.optim import param_groups  # noqa: F401 - re-exported for the stages that build their own
 from pocketlm.progress import Progress, fmt_duration
 
 SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 
 
-def lr_at(step: int, cfg: configlib.TrainConfig) -> float:
-    """Linear warmup to lr, then cosine decay to min_lr at max_steps."""
+def lr_at(step: int, cfg: configlib.TrainConfig, time_fraction: float | None = None) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at max_steps, or, with a time budget, at the end of the
+    budget (`time_fraction` = share of it spent): the schedule follows the wall clock, not a step count."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    if time_fraction is not None:
+        progress = min(1.0, time_fraction)
+    else:
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
@@ -148,21 +153,13 @@ class LMTask:
         return model(x)[0], y
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices (linear weights, embeddings); never biases or norm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-
-
 @dataclass
 class State:
     step: int = 0
     tokens: int = 0
     best_val: float = float("inf")
-    elapsed: float = 0.0  # training seconds across resumes
+    elapsed: float = 0.0  # training seconds across resumes (steps only)
+    wall: float = 0.0  # seconds since the start across resumes, evaluations and checkpoints included
     interrupted: bool = False  # stopped early by Ctrl-C (last/ holds the state to resume from)
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -259,11 +256,7 @@ class Trainer:
         self.source = source or Scratch(cfg, self.dataset)
         self.model = self.source.build().to(self.rt.device)
         parallel.shard(self.model, self.rt, t.strategy)
-        # fused kernels on CUDA; elsewhere the multi-tensor path (torch defaults CPU to one tensor at a time)
-        on_cuda = self.rt.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr,
-                                           betas=(t.beta1, t.beta2), fused=on_cuda or None,
-                                           foreach=None if on_cuda else True)
+        self.optimizer = optim.build(self.model, t, on_cuda=self.rt.device.type == "cuda")
         # only now, with everything built and checked, is an old run cleared (--overwrite)
         prepare_run_dir(self.out, resume, overwrite, write=self.rt.is_main)
         self._barrier()
@@ -293,7 +286,7 @@ class Trainer:
         if "cuda" in rng and self.rt.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"])
         self.state = State(step=meta["step"], tokens=meta["tokens"], best_val=meta["best_val"],
-                           elapsed=meta.get("elapsed", 0.0))
+                           elapsed=meta.get("elapsed", 0.0), wall=meta.get("wall", meta.get("elapsed", 0.0)))
 
     def _rng_state(self) -> dict[str, torch.Tensor]:
         rng = {"torch": torch.get_rng_state()}
@@ -315,7 +308,7 @@ class Trainer:
                    "max_new_tokens": s.max_new_tokens, "repetition_penalty": s.repetition_penalty}
             self.source.save(self.model, tmp, model_state, gen)
             meta = {"step": self.state.step, "tokens": self.state.tokens, "best_val": self.state.best_val,
-                    "elapsed": self.state.elapsed, "config": self.cfg.to_dict()}
+                    "elapsed": self.state.elapsed, "wall": self.state.wall, "config": self.cfg.to_dict()}
             ckpt.save_trainer_state(tmp, meta, opt_state, self._rng_state())
             atomic.replace_dir(tmp, dst)
             for cb in self.callbacks:
@@ -368,23 +361,32 @@ class Trainer:
         accum = self.accum
         tokens_per_step = t.batch_size * t.grad_accum * self.cfg.model.block_size
         flops_per_token = self.model.flops_per_token()
+        budget = configlib.seconds(t.time_budget)  # 0 = run max_steps
         peak, _ = track.peak_flops(rt.device, rt.dtype, t.peak_tflops)
         peak *= rt.world_size
         start_step = st.step
         if self.verbose:
             print(f"pocketlm: {self.model.num_params() / 1e6:.2f}M parameters | {rt.reason}", file=sys.stderr)
-            print(f"pocketlm: {t.max_steps} steps x {tokens_per_step:,} tokens/step -> {self.out}", file=sys.stderr)
-        bar = Progress("train", t.max_steps, " steps", enabled=self.verbose)
+            length = f"{fmt_duration(budget)} time budget" if budget else f"{t.max_steps} steps"
+            print(f"pocketlm: {length} x {tokens_per_step:,} tokens/step -> {self.out} | matmul peak "
+                  f"{peak / 1e12:.3g} TFLOP/s", file=sys.stderr)
+        bar = Progress("train", None if budget else t.max_steps, " steps", enabled=self.verbose)
         bar.done = st.step
         old_handler = self._install_sigint()
         self.model.train()
         window_s, window_tokens, shown = 0.0, 0, ""
+        wall0 = time.perf_counter() - st.wall
+
+        def spent() -> bool:  # with a budget every rank must agree, or the collectives hang
+            return parallel.all_agree(time.perf_counter() - wall0 >= budget, rt) if budget else st.step >= t.max_steps
+
+        ending = spent()
         try:
-            while st.step < t.max_steps and not parallel.all_agree(self.stop_requested, rt):
+            while not ending and not parallel.all_agree(self.stop_requested, rt):
                 step_t0 = time.perf_counter()
-                lr = lr_at(st.step, t)
+                lr = lr_at(st.step, t, (step_t0 - wall0) / budget if budget else None)
                 for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices run at their own rate
                 loss_sum = torch.zeros((), device=rt.device)
                 for micro in range(accum):
                     batch = self.task.batch("train", st.step, micro, t.batch_size, accum, rt, t.seed,
@@ -405,7 +407,9 @@ class Trainer:
                 st.elapsed += step_s
                 window_s += step_s
                 window_tokens += tokens_per_step
-                if st.step % t.log_interval == 0 or st.step == t.max_steps:
+                st.wall = time.perf_counter() - wall0
+                ending = spent()
+                if st.step % t.log_interval == 0 or ending:
                     if rt.distributed:
                         dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
                     tps = window_tokens / window_s  # step time only: evaluation and saving excluded
@@ -417,12 +421,17 @@ class Trainer:
                                           "tflops": round(tps * flops_per_token / 1e12, 4),
                                           "mfu": round(tps * flops_per_token / peak, 5),
                                           "peak_mem_mb": round(track.peak_memory_mb(rt.device), 1),
-                                          "elapsed_s": round(st.elapsed, 2), **self._task_metrics("train")})
+                                          "elapsed_s": round(st.elapsed, 2), "wall_s": round(st.wall, 2),
+                                          **self._task_metrics("train")})
                     shown = f"loss {loss_value:.4f} | {tps:,.0f} tok/s"
+                    if peak:
+                        shown += f" | MFU {tps * flops_per_token / peak:.0%}"
+                    if budget:
+                        shown += f" | {fmt_duration(budget - st.wall)} left"
                 bar.update(1, shown)
-                if st.step % t.eval_interval == 0 or st.step == t.max_steps:
+                if st.step % t.eval_interval == 0 or ending:
                     self._eval_and_save()
-            if st.step >= t.max_steps > start_step:
+            if ending and st.step > start_step:
                 self.test_at_end()
         finally:
             if old_handler is not None:
@@ -431,7 +440,7 @@ class Trainer:
                 self.log.close()
             for cb in self.callbacks:
                 getattr(cb, "on_end", lambda *a: None)(st.step, {})
-        if st.step < t.max_steps:  # every rank agreed to stop early
+        if not ending:  # every rank agreed to stop early
             st.interrupted = True
             self.save("last", with_optimizer=True)
             if self.verbose:

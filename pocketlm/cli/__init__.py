@@ -37,6 +37,7 @@ ALIASES = {
     "finetune.lora_rank": ["--lora-rank"], "finetune.lora_alpha": ["--lora-alpha"],
     "finetune.lora_dropout": ["--lora-dropout"], "finetune.lora_targets": ["--lora-targets"],
     "finetune.lora_keep_adapter": ["--lora-keep-adapter"],
+    "train.time_budget": ["--time-budget"], "train.optimizer": ["--optimizer"],
 }
 
 

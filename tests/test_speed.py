@@ -1,0 +1,143 @@
+"""Speed paths against their plain references: the one-token decode step against the module forward,
+the Llama layout against transformers' LlamaForCausalLM, Muon and AdamW, compiled against eager."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pocketlm import checkpoint as ckpt
+from pocketlm.errors import ConfigError
+from pocketlm.model import GPT, GPTConfig, KVCache
+
+LLAMA = dict(pos_emb="rotary", norm="rmsnorm", mlp="swiglu")
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=37, block_size=24, n_layer=2, n_head=2, n_embd=16, **kw)).eval()
+    with torch.no_grad():  # non-zero biases and norm gains, so a mapping that drops them is caught
+        for name, p in m.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return m
+
+
+@pytest.mark.parametrize("kw", [dict(bias=True), dict(bias=False), dict(LLAMA, bias=False), dict(LLAMA, bias=True)],
+                         ids=["gpt2-bias", "gpt2", "llama", "llama-bias"])
+def test_decode_step_equals_module_forward(kw: dict) -> None:
+    m = tiny(**kw)
+    x = torch.randint(0, 37, (3, 20))
+    full, _ = m(x)
+    cache = KVCache(m.config, 3, 24, "cpu", torch.float32)
+    m(x[:, :5], cache=cache)
+    steps = [m.decode(x[:, t:t + 1], cache) for t in range(5, 20)]
+    assert cache.pos == 20
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 5:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        cache.pos = 24
+        m.decode(x[:, :1], cache)
+
+
+def test_decodable_refuses_wrapped_layers() -> None:
+    m = tiny()
+    assert m.decodable()
+
+    class Wrapped(torch.nn.Linear):  # a LoRA-style subclass with its own forward
+        pass
+
+    old = m.transformer.h[0].attn.c_attn
+    m.transformer.h[0].attn.c_attn = Wrapped(old.in_features, old.out_features)
+    assert not m.decodable()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_llama_layout_saves_as_hf_llama_with_identical_logits(tmp_path: Path, bias: bool) -> None:
+    from transformers import AutoModelForCausalLM
+
+    m = tiny(bias=bias, **LLAMA)
+    ckpt.save_model(m, tmp_path, None, eot_id=0)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    x = torch.randint(0, 37, (2, 24))
+    with torch.no_grad():
+        ours, theirs = m(x)[0], hf(x).logits
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    back, _ = ckpt.load_model(tmp_path)  # and the folder loads back into pocketlm unchanged
+    assert back.config == m.config
+    torch.testing.assert_close(back(x)[0], ours, atol=0, rtol=0)
+
+
+def test_mixed_layouts_are_refused() -> None:
+    from pocketlm import config
+
+    with pytest.raises(ConfigError, match="no Hugging Face layout"):
+        config.load(overrides={"model.pos_emb": "rotary"})
+    cfg = config.load(overrides={"model.pos_emb": "rotary", "model.norm": "rmsnorm", "model.mlp": "swiglu"})
+    assert cfg.model.mlp == "swiglu"
+
+
+def test_engine_decode_path_and_batch_agree_with_naive_reference() -> None:
+    from pocketlm.generate import Engine, SamplingParams, naive_generate
+
+    for kw in (dict(bias=False), dict(LLAMA, bias=False)):
+        m = tiny(**kw)
+        engine = Engine(m, None)  # token ids in, token ids out: no tokenizer needed
+        ids = [1, 2, 3]
+        p = SamplingParams(max_new_tokens=21, temperature=0, stop_at_eot=False)
+        want = naive_generate(m, ids, 21)
+        fast = [t.tolist() for t in engine.steps(ids, p, n=3)]  # batched: the 3 greedy samples agree
+        assert [row[0] for row in fast] == want and all(len(set(row)) == 1 for row in fast)
+        m.decodable = lambda: False  # the module path (what a LoRA-wrapped model runs)
+        assert [int(t[0]) for t in engine.steps(ids, p)] == want
+
+
+def _losses(state) -> list[float]:
+    return [r["train/loss"] for r in state.history if "train/loss" in r]
+
+
+def test_muon_and_adamw_both_decrease_the_loss_and_muon_resumes_exactly(tmp_path: Path, char_data: Path) -> None:
+    from pocketlm.train import Trainer, train
+    from tests.conftest import tiny_config
+
+    def cfg(name: str, opt: str):
+        return tiny_config(char_data, tmp_path / name, **{"train.optimizer": opt, "train.muon_lr": 0.05})
+
+    runs = {opt: train(cfg(opt, opt), verbose=False) for opt in ("adamw", "muon")}
+    for opt, st in runs.items():
+        losses = _losses(st)
+        assert losses[-1] < losses[0] - 0.5, (opt, losses)
+        assert all(r["mfu"] > 0 for r in st.history if "train/loss" in r)
+    # Muon's momentum buffers travel in the checkpoint like AdamW's moments: a resumed run continues exactly
+    trainer = Trainer(cfg("part", "muon"), verbose=False)
+
+    class StopAt15:  # what Ctrl-C does: finish the step, save last/, return
+        def on_log(self, step: int, record: dict) -> None:
+            trainer.stop_requested = step >= 15
+
+    trainer.callbacks.append(StopAt15())
+    assert trainer.fit().step == 15
+    rest = _losses(train(cfg("part", "muon"), resume=True, verbose=False))
+    assert rest == _losses(runs["muon"])[-len(rest):] and len(rest) == 3
+
+
+def test_time_budget_sizes_the_run_to_the_clock(tmp_path: Path, char_data: Path) -> None:
+    from pocketlm import config
+    from pocketlm.train import lr_at, train
+    from tests.conftest import tiny_config
+
+    assert [config.seconds(s) for s in ("90s", "10m", "2h", "1.5", "")] == [90, 600, 7200, 1.5, 0]
+    with pytest.raises(ConfigError, match="duration"):
+        config.load(overrides={"train.time_budget": "ten minutes"})
+    t = config.TrainConfig(warmup_steps=0)
+    assert lr_at(5, t, 0.0) == t.lr and lr_at(5, t, 1.0) == t.min_lr and lr_at(5, t, 0.5) < t.lr
+    st = train(tiny_config(char_data, tmp_path / "run", **{
+        "train.time_budget": "5s", "train.max_steps": 1, "train.eval_interval": 10**6, "train.warmup_steps": 0,
+        "train.log_interval": 1}), verbose=False)
+    wall = [r["wall_s"] for r in st.history if "wall_s" in r]
+    assert st.step > 1 and 5.0 <= wall[-1] < 5.0 + 2.0  # max_steps does not apply; the clock stops it
+    lrs = [r["lr"] for r in st.history if "lr" in r]
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 1e-2  # the cosine follows the clock
+    assert any("val/loss" in r for r in st.history)  # a final evaluation when the budget is spent
