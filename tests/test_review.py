@@ -5,6 +5,7 @@ import json
 import sqlite3
 import struct
 import threading
+import time
 import zlib
 
 import pytest
@@ -88,7 +89,11 @@ def test_page_accept_reject_edit_with_keys(served, docs, tmp_path):
         sync_api.expect(pos).to_contain_text("document 3 of 4")
         # meta with the OCR confidence, the source image loaded from the server
         assert "41.5" in page.locator("dd.confidence").text_content()
-        page.wait_for_function("document.getElementById('image').naturalWidth === 3")
+        # polled with evaluate: wait_for_function evals a string in the page, which the page's CSP forbids
+        deadline = time.monotonic() + 10
+        while page.evaluate("document.getElementById('image').naturalWidth") != 3:
+            assert time.monotonic() < deadline, "the source image did not load"
+            time.sleep(0.05)
         page.keyboard.press("e")
         editor = page.locator("#editor")
         sync_api.expect(editor).to_be_visible()
