@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from pocketlm import checkpoint as ckpt
 from pocketlm import tokenizer as toklib
-from pocketlm.data.records import Problems
+from pocketlm.data.records import Problems, read_jsonl
 from pocketlm.device import Runtime
 from pocketlm.errors import PocketLMError
 
@@ -48,28 +48,19 @@ def read_feedback(path: str | Path, problems: Problems | None = None) -> tuple[l
     if not path.is_file():
         raise PocketLMError(f"feedback file not found: {path} (write one with `pocketlm feedback export --out FILE`)")
     pairs, ratings = [], []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                problems.report(where, "not a JSON line")
-                continue
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt", ""), str):
-                problems.report(where, "not a feedback object")
-            elif isinstance(obj.get("chosen"), str) and isinstance(obj.get("rejected"), str):
-                if obj["chosen"] == obj["rejected"]:
-                    problems.report(where, "chosen and rejected are the same text")
-                else:
-                    pairs.append((obj.get("prompt", ""), obj["chosen"], obj["rejected"]))
-            elif isinstance(obj.get("completion"), str) and isinstance(obj.get("label"), bool):
-                ratings.append((obj.get("prompt", ""), obj["completion"], obj["label"]))
+    for where, obj in read_jsonl(path, problems):
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt", ""), str):
+            problems.report(where, "not a feedback object")
+        elif isinstance(obj.get("chosen"), str) and isinstance(obj.get("rejected"), str):
+            if obj["chosen"] == obj["rejected"]:
+                problems.report(where, "chosen and rejected are the same text")
             else:
-                problems.report(where, "neither a pair nor a rating",
-                                'need {"prompt", "chosen", "rejected"} or {"prompt", "completion", "label"}')
+                pairs.append((obj.get("prompt", ""), obj["chosen"], obj["rejected"]))
+        elif isinstance(obj.get("completion"), str) and isinstance(obj.get("label"), bool):
+            ratings.append((obj.get("prompt", ""), obj["completion"], obj["label"]))
+        else:
+            problems.report(where, "neither a pair nor a rating",
+                            'need {"prompt", "chosen", "rejected"} or {"prompt", "completion", "label"}')
     return pairs, ratings
 
 

@@ -56,6 +56,21 @@ def is_jsonl(path: str | Path) -> bool:
     return Path(path).suffix.lower() in JSONL_SUFFIXES
 
 
+def read_jsonl(path: Path, problems: Problems) -> Iterator[tuple[str, Any]]:
+    """(file:line, parsed object) for each non-blank line of one JSONL file; undecodable lines are reported."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                problems.report(where, "not UTF-8")
+            except json.JSONDecodeError as e:
+                problems.report(where, "malformed JSON", e.msg)
+
+
 def read_records(paths: Iterable[str | Path], problems: Problems | None = None) -> Iterator[Record]:
     """Stream records from JSONL files; malformed lines are reported and skipped (or raise when strict)."""
     problems = problems or Problems()
@@ -63,25 +78,13 @@ def read_records(paths: Iterable[str | Path], problems: Problems | None = None) 
         path = Path(path)
         if not path.is_file():
             raise PocketLMError(f"input not found: {path}")
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError:
-                    problems.report(where, "not UTF-8")
-                    continue
-                except json.JSONDecodeError as e:
-                    problems.report(where, "malformed JSON", e.msg)
-                    continue
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    problems.report(where, "no text field", 'each line needs {"text": "..."}')
-                    continue
-                meta = obj.get("meta")
-                yield {"text": obj["text"], "source": str(obj.get("source") or path),
-                       "meta": meta if isinstance(meta, dict) else {}}
+        for where, obj in read_jsonl(path, problems):
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                problems.report(where, "no text field", 'each line needs {"text": "..."}')
+                continue
+            meta = obj.get("meta")
+            yield {"text": obj["text"], "source": str(obj.get("source") or path),
+                   "meta": meta if isinstance(meta, dict) else {}}
 
 
 class RecordWriter:
