@@ -3,6 +3,10 @@
 Used by the browser test and the export benchmark: `with Page(site) as p: p.generate(prompt, ...)` runs
 `window.pocketlm.generate` in the page and returns the text; `p.blocked` lists every request the page tried
 to make outside its own folder (it must stay empty).
+
+`Page(site, webgpu=True)` launches Chromium with a WebGPU adapter on SwiftShader (Chromium's software Vulkan,
+shipped with the Debian package), so the WebGPU path runs on a machine without a GPU: correct, but its speed
+says nothing about real GPUs. The default launch (`--disable-gpu`) offers no adapter, as on many machines.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from pocketlm.errors import PocketLMError
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+# navigator.gpu.requestAdapter() gives SwiftShader's adapter (vendor "google", architecture "swiftshader")
+WEBGPU_ARGS = ["--no-sandbox", "--disable-background-networking", "--enable-unsafe-webgpu",
+               "--use-webgpu-adapter=swiftshader"]
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -46,9 +53,12 @@ class StaticServer:
 class Page:
     """The exported page in headless Chromium; only the loopback server's own origin is reachable."""
 
-    def __init__(self, site: Path, executable: str = CHROMIUM, page: str = "index.html") -> None:
+    def __init__(self, site: Path, executable: str = CHROMIUM, page: str = "index.html", webgpu: bool = False,
+                 init_script: str | None = None) -> None:
         self.site, self.executable, self.page_name = Path(site), executable, page
+        self.args, self.init_script = WEBGPU_ARGS if webgpu else CHROMIUM_ARGS, init_script
         self.blocked: list[str] = []
+        self.requests: list[str] = []  # every URL the page fetched from its own folder
         self.console: list[str] = []
 
     def __enter__(self) -> Page:
@@ -60,13 +70,16 @@ class Page:
             raise PocketLMError(f"no Chromium at {self.executable}: apt-get install chromium")
         self.server = StaticServer(self.site).__enter__()
         self.pw = sync_playwright().start()
-        self.browser = self.pw.chromium.launch(executable_path=self.executable, args=CHROMIUM_ARGS, headless=True)
+        self.browser = self.pw.chromium.launch(executable_path=self.executable, args=self.args, headless=True)
         self.context = self.browser.new_context(service_workers="block")
+        if self.init_script:  # runs before the page's own scripts (e.g. to take WebGPU away)
+            self.context.add_init_script(self.init_script)
         origin = self.server.url.rstrip("/")
 
         def gate(route: Any) -> None:
             url = route.request.url
             if url.startswith(origin + "/") or url.startswith(("data:", "blob:")):
+                self.requests.append(url)
                 route.continue_()
             else:
                 self.blocked.append(url)
@@ -84,10 +97,10 @@ class Page:
         self.page.wait_for_function("window.pocketlmPage !== undefined || "
                                     "document.getElementById('msg')?.textContent.startsWith('Error')",
                                     timeout=timeout_s * 1000)
-        load_ms = self.page.evaluate("window.pocketlmPage?.loadMs")
-        if load_ms is None:
+        self.info = self.page.evaluate("window.pocketlmPage")  # loadMs, backend ("webgpu" | "wasm"), backendNote
+        if self.info is None:
             raise RuntimeError(f"the page failed to load: {self.page.inner_text('#msg')}; console: {self.console}")
-        return float(load_ms)
+        return float(self.info["loadMs"])
 
     def generate(self, prompt: str, **opts: Any) -> tuple[str, dict[str, Any]]:
         """window.pocketlm.generate(prompt, opts) in the page: (text, stats)."""

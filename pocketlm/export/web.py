@@ -4,13 +4,17 @@
   pocketlm.js         the ES module (load, generate, sample); importing it sets window.pocketlm
   pocketlm.json       model id, title, default prompt, sampling defaults, the model file to load
   models/<id>/        config, generation config, tokenizer files, onnx/<one variant>.onnx
-  runtime/            onnxruntime-web (WASM build) and @huggingface/tokenizers, with their licences
+  runtime/            @huggingface/tokenizers and NOTICE.txt (the licences)
+  runtime/wasm/       onnxruntime-web's WebAssembly build: what a browser without WebGPU loads
+  runtime/webgpu/     onnxruntime-web's WebGPU build (its own, larger WASM with the WebGPU execution provider):
+                      loaded instead of runtime/wasm/, only when the browser offers a WebGPU adapter
 
 The runtime comes from the npm registry at export time: pinned versions are installed once into a cache
 (~/.cache/pocketlm/npm/<pins>) and copied from there, so nothing is committed and the page loads nothing
 from any other host. onnxruntime-web + tokenizers + a short sampling loop beat the transformers.js pipeline
 on this machine (2.3-2.8x the tokens/s, 3.7 against 6.9 MB of gzipped runtime, two thirds of the load time; see
-docs/benchmarks.md), so that is what ships. WebGPU is not used: the WASM build keeps the runtime small.
+docs/benchmarks.md), so that is what ships. The page imports one of the two onnxruntime-web builds on demand,
+so a WASM visitor transfers no WebGPU bytes; the report gives each path's transfer separately.
 """
 
 from __future__ import annotations
@@ -33,9 +37,16 @@ from pocketlm.errors import PocketLMError
 FORMAT_VERSION = 1
 # what the page ships: pinned, so every export of the same model is byte-identical
 NPM_PINS = {"onnxruntime-web": "1.30.0", "@huggingface/tokenizers": "0.2.0"}
-RUNTIME_FILES = {  # npm package -> files copied into runtime/
-    "onnxruntime-web": ["dist/ort.wasm.min.mjs", "dist/ort-wasm-simd-threaded.mjs", "dist/ort-wasm-simd-threaded.wasm"],
-    "@huggingface/tokenizers": ["dist/tokenizers.min.mjs"],
+RUNTIME_FILES = {  # npm package -> {folder under runtime/: files copied there}
+    # ort.webgpu.* is the WebGPU execution provider compiled into the asyncify WASM (it also runs the CPU
+    # kernels); ort.min.mjs's jsep build is the older JavaScript WebGPU provider, ort.jspi.* needs JSPI
+    # (Chromium only), so the asyncify build is the one every WebGPU browser runs
+    "onnxruntime-web": {
+        "wasm": ["dist/ort.wasm.min.mjs", "dist/ort-wasm-simd-threaded.mjs", "dist/ort-wasm-simd-threaded.wasm"],
+        "webgpu": ["dist/ort.webgpu.min.mjs", "dist/ort-wasm-simd-threaded.asyncify.mjs",
+                   "dist/ort-wasm-simd-threaded.asyncify.wasm"],
+    },
+    "@huggingface/tokenizers": {"": ["dist/tokenizers.min.mjs"]},
 }
 DEFAULT_CACHE = Path.home() / ".cache" / "pocketlm" / "npm"
 
@@ -82,17 +93,19 @@ def npm_install(pins: dict[str, str], cache: str | Path | None = None, verbose: 
 
 def copy_runtime(modules: Path, dst: Path) -> None:
     """The runtime files, and NOTICE.txt naming each package, its version and licence (+ its LICENSE file)."""
-    dst.mkdir(parents=True, exist_ok=True)
     notice = []
-    for pkg, files in RUNTIME_FILES.items():
-        for f in files:
-            src = modules / pkg / f
-            if not src.is_file():
-                raise PocketLMError(f"{src} is missing from the npm cache: delete {modules.parent} and export again")
-            shutil.copy2(src, dst / Path(f).name)
+    for pkg, folders in RUNTIME_FILES.items():
+        copied = []
+        for sub, files in folders.items():
+            (dst / sub).mkdir(parents=True, exist_ok=True)
+            for f in files:
+                src = modules / pkg / f
+                if not src.is_file():
+                    raise PocketLMError(f"{src} is missing from the npm cache: delete {modules.parent} and export again")
+                shutil.copy2(src, dst / sub / Path(f).name)
+                copied.append(f"{sub}/{Path(f).name}".lstrip("/"))
         meta = json.loads((modules / pkg / "package.json").read_text(encoding="utf-8"))
-        notice.append(f"{pkg} {meta.get('version')} (npm), licence: {meta.get('license')}, files: "
-                      f"{', '.join(Path(f).name for f in files)}")
+        notice.append(f"{pkg} {meta.get('version')} (npm), licence: {meta.get('license')}, files: {', '.join(copied)}")
         if (modules / pkg / "LICENSE").is_file():
             notice.append((modules / pkg / "LICENSE").read_text(encoding="utf-8", errors="replace"))
     (dst / "NOTICE.txt").write_text("\n\n".join(notice) + "\n", encoding="utf-8")
@@ -100,9 +113,11 @@ def copy_runtime(modules: Path, dst: Path) -> None:
 
 # ---- the site ---------------------------------------------------------------------------------------------
 
-def gzip_bytes(folder: Path) -> int:
-    """What the folder transfers from a server that gzips every response (level 6, the common default)."""
-    return sum(len(gzip.compress(p.read_bytes(), 6)) for p in folder.rglob("*") if p.is_file())
+def gzip_bytes(folder: Path, skip: tuple[Path, ...] = ()) -> int:
+    """What the folder transfers from a server that gzips every response (level 6, the common default),
+    leaving out the folders in `skip` (those a visitor's browser does not fetch)."""
+    return sum(len(gzip.compress(p.read_bytes(), 6)) for p in folder.rglob("*")
+               if p.is_file() and not any(p.is_relative_to(s) for s in skip))
 
 
 def _asset(name: str) -> str:
@@ -160,13 +175,21 @@ def build(folder: Path, out: Path, quantize: str | None, model_id: str | None = 
                        "__PARAMS__": f"{report['parameters'] / 1e6:.2f}M"}.items():
         page = page.replace(key, html.escape(value))
     (out / "index.html").write_text(page, encoding="utf-8")
-    model_bytes = common.folder_bytes(out / "models")
-    total = common.folder_bytes(out)
     return {"format": "web", "dtype": dtype, "parameters": report["parameters"], "variants": report["variants"],
-            "model_bytes": model_bytes, "runtime_bytes": common.folder_bytes(out / "runtime"),
-            "page_bytes": total - model_bytes - common.folder_bytes(out / "runtime"),
-            "total_bytes": total, "gzip_bytes": gzip_bytes(out), "model_gzip_bytes": gzip_bytes(out / "models"),
-            "runtime_gzip_bytes": gzip_bytes(out / "runtime"), "npm": NPM_PINS}
+            **sizes(out), "npm": NPM_PINS}
+
+
+def sizes(out: Path) -> dict[str, int]:
+    """Bytes on disk and gzip-transferred. A visitor fetches the page, the model and runtime/ with ONE of
+    runtime/wasm/ (no WebGPU: `gzip_bytes`) or runtime/webgpu/ (`webgpu_gzip_bytes`), never both."""
+    rt, wasm, webgpu = out / "runtime", out / "runtime" / "wasm", out / "runtime" / "webgpu"
+    model_bytes, total = common.folder_bytes(out / "models"), common.folder_bytes(out)
+    runtime_bytes, webgpu_bytes = common.folder_bytes(rt) - common.folder_bytes(webgpu), common.folder_bytes(webgpu)
+    return {"model_bytes": model_bytes, "runtime_bytes": runtime_bytes, "webgpu_runtime_bytes": webgpu_bytes,
+            "page_bytes": total - model_bytes - runtime_bytes - webgpu_bytes, "total_bytes": total,
+            "gzip_bytes": gzip_bytes(out, skip=(webgpu,)), "webgpu_gzip_bytes": gzip_bytes(out, skip=(wasm,)),
+            "model_gzip_bytes": gzip_bytes(out / "models"), "runtime_gzip_bytes": gzip_bytes(rt, skip=(webgpu,)),
+            "webgpu_runtime_gzip_bytes": gzip_bytes(webgpu)}
 
 
 def export(folder: Path, out: Path, quantize: str | None = None, overwrite: bool = False, verbose: bool = True,
@@ -183,7 +206,10 @@ def summary(report: dict[str, Any]) -> list[str]:
         f"  model    {m(report['model_bytes']):>10}  ({m(report['model_gzip_bytes'])} gzipped)",
         f"  runtime  {m(report['runtime_bytes']):>10}  ({m(report['runtime_gzip_bytes'])} gzipped): "
         + ", ".join(f"{k} {v}" for k, v in report["npm"].items()),
+        f"  webgpu   {m(report['webgpu_runtime_bytes']):>10}  ({m(report['webgpu_runtime_gzip_bytes'])} gzipped): "
+        "fetched instead of runtime/wasm/ only where the browser has WebGPU",
         f"  page     {m(report['page_bytes']):>10}",
-        f"  total    {m(report['total_bytes']):>10}  ({m(report['gzip_bytes'])} gzipped)",
+        f"  total    {m(report['total_bytes']):>10}  on disk; a visitor transfers {m(report['gzip_bytes'])} gzipped "
+        f"(WASM) or {m(report['webgpu_gzip_bytes'])} (WebGPU)",
         f"serve it from any static host, e.g.  python -m http.server -d {report['out']} 8080",
     ]

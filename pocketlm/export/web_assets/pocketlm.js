@@ -5,16 +5,18 @@
 //
 // Importing this module also sets window.pocketlm = { generate, load }. The model is an ONNX decoder with
 // past key values (inputs input_ids, attention_mask, position_ids, past_key_values.{i}.key|value) run by
-// onnxruntime-web on WebAssembly; the tokenizer is the model's own tokenizer.json through
-// @huggingface/tokenizers. Decoding mirrors pocketlm's Python engine exactly: the prompt's last
+// onnxruntime-web on WebGPU when the browser offers a WebGPU adapter, else on WebAssembly (`backend`:
+// "auto", "webgpu" or "wasm"); the runtime of the chosen backend is imported on demand, so a WASM visitor never
+// downloads the WebGPU build. The tokenizer is the model's own tokenizer.json through @huggingface/tokenizers. Decoding mirrors pocketlm's Python engine exactly: the prompt's last
 // `context_length` tokens are prefilled, and when the cache is full the last 3/4 of the window is prefilled
 // again, so greedy output (temperature 0) equals `pocketlm generate --temperature 0` token for token.
 
-import * as ort from "./runtime/ort.wasm.min.mjs";
 import { Tokenizer } from "./runtime/tokenizers.min.mjs";
 
 const HERE = new URL("./", import.meta.url);
-let defaultModel = null;
+// onnxruntime-web's builds, relative to this module: each loads its .wasm from its own folder
+const RUNTIMES = { wasm: "runtime/wasm/ort.wasm.min.mjs", webgpu: "runtime/webgpu/ort.webgpu.min.mjs" };
+const BACKENDS = ["auto", "webgpu", "wasm"];
 
 async function fetchWithProgress(url, onProgress, label) {
   const res = await fetch(url);
@@ -91,11 +93,70 @@ export function sample(logits, { temperature = 0.8, top_k = 0, top_p = 1.0 } = {
   return order[order.length - 1];
 }
 
+// Which backend runs `model` (pocketlm.json's model entry): { backend: "webgpu" | "wasm", note } (the note says
+// why, for the page). "auto" takes WebGPU only where the browser hands out an adapter that can run the model;
+// "webgpu" asked for where there is no adapter falls back to WASM too (the note says so) rather than leave the
+// page dead.
+export async function chooseBackend(requested = "auto", model = {}) {
+  if (!BACKENDS.includes(requested)) {
+    throw new Error(`pocketlm: unknown backend ${JSON.stringify(requested)}: use one of ${BACKENDS.join(", ")}`);
+  }
+  if (requested === "wasm") return { backend: "wasm", note: "WASM (asked for)" };
+  let adapter = null, why = "the browser offers no WebGPU adapter";
+  if (typeof navigator === "undefined" || !navigator.gpu) {
+    why = "this browser has no WebGPU";
+  } else {
+    try {
+      adapter = await navigator.gpu.requestAdapter();
+    } catch (e) {
+      why = `the WebGPU adapter request failed (${e.message ?? e})`;
+    }
+  }
+  if (!adapter) return { backend: "wasm", note: `WASM: ${why}` };
+  if (model.kv_dtype === "float16" && !adapter.features.has("shader-f16")) {
+    return { backend: "wasm", note: "WASM: this GPU lacks shader-f16, which the fp16 model needs" };
+  }
+  // onnxruntime's WebGPU provider has no int8 matmul (MatMulInteger, DynamicQuantizeLinear): a dynamically
+  // quantized model would run its matmuls on the CPU anyway, with a GPU round trip around each one
+  if (model.dtype === "q8" && requested === "auto") {
+    return { backend: "wasm", note: "WASM: WebGPU has no kernels for this int8 model's matmuls (?backend=webgpu forces it)" };
+  }
+  return { backend: "webgpu", note: requested === "webgpu" ? "WebGPU (asked for)" : "WebGPU" };
+}
+
+const runtimes = {};  // backend -> the imported onnxruntime-web module, set up once
+async function runtime(backend, threads) {
+  if (!runtimes[backend]) {
+    runtimes[backend] = import(new URL(RUNTIMES[backend], HERE).href).then((ort) => {
+      // its .mjs/.wasm come from this folder, never a CDN; one thread is the fastest for small models and
+      // needs no cross-origin isolation headers
+      ort.env.wasm.wasmPaths = new URL(RUNTIMES[backend].replace(/[^/]*$/, ""), HERE).href;
+      ort.env.wasm.numThreads = threads;
+      return ort;
+    });
+  }
+  return runtimes[backend];
+}
+
+async function createSession(backend, bytes, threads) {
+  const ort = await runtime(backend, threads);
+  // on WebGPU the outputs stay on the GPU ("gpu-buffer"): the cache (present.*) goes back in as the next step's
+  // past without a round trip, and only the logits are read back
+  // logSeverityLevel 3 (errors only): WebGPU sessions otherwise log, as a console error, that shape ops run on
+  // the CPU, which is by design
+  const options = backend === "webgpu"
+    ? { executionProviders: ["webgpu"], preferredOutputLocation: "gpu-buffer" } : { executionProviders: ["wasm"] };
+  return [ort, await ort.InferenceSession.create(bytes, { ...options, graphOptimizationLevel: "all", logSeverityLevel: 3 })];
+}
+
 export class PocketLM {
-  constructor(session, tokenizer, info) {
+  constructor(ort, session, tokenizer, info, backend = "wasm", note = "WASM") {
+    this.ort = ort;
     this.session = session;
     this.tokenizer = tokenizer;
     this.info = info;
+    this.backend = backend;
+    this.backendNote = note;
     this.window = info.context_length;
     this.eos = info.eos_token_id;
     this.pastNames = session.inputNames.filter((n) => n.startsWith("past_key_values."));
@@ -104,6 +165,7 @@ export class PocketLM {
 
   // Feed `ids` after `past` (null = empty cache); returns [logits of the last position, new past].
   async forward(ids, past, pastLen) {
+    const ort = this.ort;
     const T = ids.length;
     const feeds = {
       input_ids: new ort.Tensor("int64", BigInt64Array.from(ids, BigInt), [1, T]),
@@ -117,10 +179,9 @@ export class PocketLM {
     const out = await this.session.run(feeds);
     const next = {};
     for (const name of this.pastNames) next[name] = out[name.replace("past_key_values.", "present.")];
-    if (past) for (const name of this.pastNames) past[name].dispose?.();
-    const logits = out.logits;
-    const V = logits.dims[2];
-    const last = logits.data.subarray((T - 1) * V, T * V);
+    if (past) for (const name of this.pastNames) past[name].dispose();  // frees GPU buffers on WebGPU
+    const V = out.logits.dims[2];
+    const last = (await out.logits.getData(true)).subarray((T - 1) * V, T * V);  // read back (WebGPU), released
     // fp16 models: raw half-precision bits (Uint16Array) where the browser has no Float16Array
     return [last instanceof Uint16Array ? Float32Array.from(last, halfToFloat) : Float32Array.from(last), next];
   }
@@ -164,53 +225,76 @@ export class PocketLM {
         pastLen += 1;
       } else {  // window full: keep the last 3/4 and prefill again (learned positions cannot shift)
         const keep = context.slice(-(W - Math.floor(W / 4)));
-        for (const name of this.pastNames) past[name].dispose?.();
+        for (const name of this.pastNames) past[name].dispose();
         [logits, past] = await this.forward(keep, null, 0);
         pastLen = keep.length;
       }
     }
-    if (past) for (const name of this.pastNames) past[name].dispose?.();
+    if (past) for (const name of this.pastNames) past[name].dispose();
     if (text.length > emitted && p.onToken) p.onToken(text.slice(emitted), null);
     const t1 = performance.now();
     this.lastStats = {
-      prompt_tokens: Math.min(this.encode(prompt).length, W), new_tokens: out.length,
+      prompt_tokens: Math.min(this.encode(prompt).length, W), new_tokens: out.length, token_ids: out,
       prefill_ms: tPrefill - t0, total_ms: t1 - t0,
-      tokens_per_s: out.length > 1 ? (out.length - 1) / ((t1 - tPrefill) / 1000) : 0,
+      tokens_per_s: out.length > 1 ? (out.length - 1) / ((t1 - tPrefill) / 1000) : 0, backend: this.backend,
     };
     return text;
   }
 }
 
 // Load a model exported by `pocketlm export --format web` (by default the one this folder was built with).
-export async function load({ base = HERE, onProgress = null, threads = 1, dtype = null } = {}) {
+// backend: "auto" (WebGPU when the browser has an adapter, else WASM), "webgpu" or "wasm".
+export async function load({ base = HERE, onProgress = null, threads = 1, dtype = null, backend = "auto" } = {}) {
   base = new URL(base, HERE);
+  if (!BACKENDS.includes(backend)) await chooseBackend(backend);  // a bad `backend` fails before any download
   const site = await (await fetch(new URL("pocketlm.json", base))).json();
-  const info = { ...site.model, ...(dtype ? { file: site.model.files[dtype] } : {}) };
+  const info = { ...site.model, ...(dtype ? { file: site.model.files[dtype], dtype } : {}) };
+  const chosen = await chooseBackend(backend, info);
   const modelDir = new URL(info.path, base);
-  // the runtime's .mjs/.wasm come from this folder, never a CDN; one thread is the fastest for small models
-  // and needs no cross-origin isolation headers
-  ort.env.wasm.wasmPaths = new URL("runtime/", base).href;
-  ort.env.wasm.numThreads = threads;
   const [tj, tc] = await Promise.all(["tokenizer.json", "tokenizer_config.json"].map(
     async (f) => (await fetch(new URL(f, modelDir))).json()));
   const bytes = await fetchWithProgress(new URL(info.file, modelDir), onProgress, info.file);
-  const session = await ort.InferenceSession.create(bytes, { executionProviders: ["wasm"], graphOptimizationLevel: "all" });
-  return new PocketLM(session, new Tokenizer(tj, tc), info);
+  const tokenizer = new Tokenizer(tj, tc);
+  if (chosen.backend === "webgpu") {
+    // a model WebGPU cannot run (an operator or data type its kernels lack) falls back to WASM, saying why;
+    // one short forward pass proves it runs (and compiles its shaders before the first timed token)
+    let lm = null;
+    try {
+      const [ort, session] = await createSession("webgpu", bytes, threads);
+      lm = new PocketLM(ort, session, tokenizer, info, "webgpu", chosen.note);
+      const [, past] = await lm.forward([info.eos_token_id ?? 0], null, 0);
+      for (const name of lm.pastNames) past[name].dispose();
+      return lm;
+    } catch (e) {
+      await lm?.session.release();
+      chosen.backend = "wasm";
+      const why = String(e.message ?? e).split("Status Message: ").pop().split("\n")[0].slice(0, 200);
+      chosen.note = `WASM: WebGPU could not run this model (${why})`;
+    }
+  }
+  const [ort, session] = await createSession("wasm", bytes, threads);
+  return new PocketLM(ort, session, tokenizer, info, "wasm", chosen.note);
 }
 
-// The default model (the one this folder was exported with), loaded once on first use.
-export function ready({ onProgress = null } = {}) {
-  if (!defaultModel) defaultModel = load({ onProgress });
-  return defaultModel;
+// The default model (the one this folder was exported with), loaded once per backend asked for; without a
+// backend, whichever was loaded first (the page's), else "auto".
+const defaults = new Map();
+let first = null;
+export function ready({ onProgress = null, backend = null } = {}) {
+  if (!backend && first) return first;
+  backend ??= "auto";
+  if (!defaults.has(backend)) defaults.set(backend, load({ onProgress, backend }));
+  first ??= defaults.get(backend);
+  return defaults.get(backend);
 }
 
 export async function generate(prompt, opts = {}) {
-  const lm = await ready({ onProgress: opts.onProgress });
+  const lm = await ready({ onProgress: opts.onProgress, backend: opts.backend });
   const text = await lm.generate(prompt, opts);
   api.lastStats = lm.lastStats;
   return text;
 }
 
-const api = { generate, load, ready, sample, lastStats: null };
+const api = { generate, load, ready, sample, chooseBackend, lastStats: null };
 if (typeof window !== "undefined") window.pocketlm = api;
 export default api;
