@@ -81,7 +81,7 @@ def bench_generate(name: str, rounds: int, work: Path) -> None:
     folder = work / name
     ckpt.save_model(GPT(GPTConfig(**kw)), folder, None, eot_id=0)  # random weights: speed, not text
     model, _ = ckpt.load_model(folder, "cpu")
-    engine = Engine(model, None)
+    engine = Engine(model.stream_layout(), None)  # what Engine.load does with the model it owns
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = list(range(1, 7))
     x = torch.tensor([ids])

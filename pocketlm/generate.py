@@ -101,6 +101,8 @@ class Engine:
 
         dev, _ = pick_device(device)
         model, folder = load_model(path, dev)
+        if isinstance(model, GPT):
+            model.stream_layout()  # this engine owns the model: lay its weights out for decoding
         return cls(model, toklib.load(folder))
 
     @property
@@ -140,7 +142,8 @@ class Engine:
         else:  # a transformers model keeps its own cache
             cache = self.model.new_cache()
         if isinstance(self.model, GPT) and self.model.decodable():
-            step = self.model.decode
+            plan = self.model.decode_plan()
+            step = (lambda tok, cache: self.model.decode(tok, cache, plan))
         else:
             step = (lambda tok, cache: self.model(tok, cache=cache, last_only=True)[0][:, -1])
         logits = self._prefill(context[:, max(0, length - T):length], cache)

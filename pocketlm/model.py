@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 ROPE_THETA = 10000.0  # rotary base, as Llama's default (written to the HF config as rope_theta)
 NORM_EPS = 1e-5
+SQRT1_2 = 1 / math.sqrt(2)
 
 
 @dataclass
@@ -66,13 +67,6 @@ def norm_layer(cfg: GPTConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(cfg.n_embd, eps=NORM_EPS)
     return nn.LayerNorm(cfg.n_embd, eps=NORM_EPS, bias=cfg.bias)
-
-
-def normalize(x: torch.Tensor, ln: nn.Module) -> torch.Tensor:
-    """`ln(x)` without the module call (the decode step's hot path)."""
-    if isinstance(ln, nn.RMSNorm):
-        return F.rms_norm(x, ln.normalized_shape, ln.weight, ln.eps)
-    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
 class CausalSelfAttention(nn.Module):
@@ -226,37 +220,82 @@ class GPT(nn.Module):
                  Block, CausalSelfAttention, MLP, GPT)
         return all(type(m) in plain for m in self.modules())
 
+    def decode_plan(self) -> tuple:
+        """The weights `decode` reads, gathered once per generation: a flat tuple per layer, each matrix as
+        its (in, out) transpose so that one `mm`/`addmm` computes x @ W^T + b without `F.linear`'s checks.
+        Built per call of `Engine.steps`, never stored, so it cannot go stale when weights are replaced."""
+        tf = self.transformer
+        t = lambda lin: lin.weight.t()  # noqa: E731 - a view, no copy
+        layers = tuple(
+            (b.ln_1.weight, getattr(b.ln_1, "bias", None), t(b.attn.c_attn), b.attn.c_attn.bias,
+             t(b.attn.c_proj), b.attn.c_proj.bias, b.ln_2.weight, getattr(b.ln_2, "bias", None),
+             t(b.mlp.c_fc), b.mlp.c_fc.bias, t(b.mlp.c_proj), b.mlp.c_proj.bias)
+            for b in tf.h)
+        wpe = tf.wpe.weight if "wpe" in tf else None
+        return tf.wte.weight, wpe, layers, tf.ln_f.weight, getattr(tf.ln_f, "bias", None), t(self.lm_head)
+
     @torch.inference_mode()
-    def decode(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def decode(self, idx: torch.Tensor, cache: KVCache, plan: tuple | None = None) -> torch.Tensor:
         """One new token per sequence: idx (B, 1) -> logits (B, vocab), the cache advanced by one.
 
-        Computes what `forward(idx, cache=cache, last_only=True)` computes, with functional calls instead
-        of module calls and no masks or copies: small models spend most of a generated token in per-op
-        overhead, and this halves the ops. Needs `decodable()` and a cache made for exactly B sequences.
+        Computes what `forward(idx, cache=cache, last_only=True)` computes, on (B, C) rows with direct
+        `mm`/`addmm`/`layer_norm` calls instead of module calls, masks and copies: small models spend most
+        of a generated token in per-op overhead, and this makes it the fewest ops. Needs `decodable()` and a
+        cache made for exactly B sequences; pass `decode_plan()` when calling it in a loop.
         """
-        c, tf, p = self.config, self.transformer, cache.pos
+        c, p = self.config, cache.pos
         if p + 1 > c.block_size:
             raise ValueError(f"sequence of {p + 1} tokens exceeds block_size {c.block_size}")
-        B, nh, hs = idx.size(0), c.n_head, c.n_embd // c.n_head
-        x = F.embedding(idx, tf.wte.weight)  # (B, 1, C)
-        if c.pos_emb == "learned":
-            x += tf.wpe.weight[p]
+        wte, wpe, layers, lnf_w, lnf_b, head_t = plan or self.decode_plan()
+        B, nh, C = idx.size(0), c.n_head, c.n_embd
+        hs, shape, eps = C // nh, (C,), NORM_EPS
+        rms, swiglu = c.norm == "rmsnorm", c.mlp == "swiglu"
+        mm, addmm, sdpa = torch.mm, torch.addmm, F.scaled_dot_product_attention
+
+        def norm(x, w, b):
+            return torch.rms_norm(x, shape, w, eps) if rms else torch.layer_norm(x, shape, w, b, eps, False)
+
+        x = F.embedding(idx.view(B), wte)  # (B, C)
+        if wpe is not None:
+            x += wpe[p]
         rope = self._rope(p, 1)
-        for i, block in enumerate(tf.h):
-            attn, mlp = block.attn, block.mlp
-            qkv = F.linear(normalize(x, block.ln_1), attn.c_attn.weight, attn.c_attn.bias)
-            q, k, v = qkv.view(B, 3, nh, 1, hs).unbind(1)  # (B, nh, 1, hs) each: T = 1 makes it a view
+        caches = zip(cache.k.unbind(0), cache.v.unbind(0))  # (B, nh, max_len, hs) per layer
+        for (w1, b1, wa, ba, wp, bp, w2, b2, wf, bf, wo, bo), (keys, values) in zip(layers, caches):
+            h = norm(x, w1, b1)
+            qkv = (mm(h, wa) if ba is None else addmm(ba, h, wa)).view(B, 3, nh, 1, hs)
+            q, k, v = qkv.unbind(1)  # (B, nh, 1, hs) each, views
             if rope is not None:
                 q, k = rotate(q, *rope), rotate(k, *rope)
-            keys, values = cache.k[i], cache.v[i]  # (B, nh, max_len, hs)
             keys.narrow(2, p, 1).copy_(k)
             values.narrow(2, p, 1).copy_(v)
-            y = F.scaled_dot_product_attention(q, keys.narrow(2, 0, p + 1), values.narrow(2, 0, p + 1))
-            x += F.linear(y.view(B, 1, c.n_embd), attn.c_proj.weight, attn.c_proj.bias)
-            h = F.linear(normalize(x, block.ln_2), mlp.c_fc.weight, mlp.c_fc.bias)
-            x += F.linear(mlp.act(h), mlp.c_proj.weight, mlp.c_proj.bias)
+            y = sdpa(q, keys.narrow(2, 0, p + 1), values.narrow(2, 0, p + 1)).view(B, C)
+            x.addmm_(y, wp)  # x += y @ Wp^T
+            if bp is not None:
+                x += bp
+            h = norm(x, w2, b2)
+            h = mm(h, wf) if bf is None else addmm(bf, h, wf)
+            if swiglu:
+                gate, up = h.chunk(2, dim=-1)
+                h = F.silu(gate).mul_(up)
+            else:  # exact GELU = HF "gelu", as x/2 (1 + erf(x/sqrt 2)) in place: on one row this is ~2x
+                h = torch.mul(h, SQRT1_2).erf_().add_(1.0).mul_(h).mul_(0.5)  # faster than F.gelu's kernel
+            x.addmm_(h, wo)
+            if bo is not None:
+                x += bo
         cache.pos += 1
-        return F.linear(normalize(x, tf.ln_f), self.lm_head.weight).view(B, -1)
+        return mm(norm(x, lnf_w, lnf_b), head_t)
+
+    def stream_layout(self) -> GPT:
+        """Store each matrix with more rows than columns (QKV, MLP up, the tied embedding/head) transposed
+        in memory, same shape and values. A batch-1 decode step streams every weight from RAM once per
+        token, and MKL reads x @ W^T at about 1.6x the bandwidth when W^T is contiguous (GPT-2-small:
+        lm_head 12.0 -> 7.5 ms per token on the 2-core benchmark machine). For inference-only models:
+        `Engine.load` calls it; a model being trained keeps the row-major layout its optimizer state has."""
+        with torch.no_grad():
+            for p in self.parameters():
+                if p.dim() == 2 and p.size(0) > p.size(1) and p.is_contiguous():
+                    p.data = p.data.t().contiguous().t()
+        return self
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L T C."""

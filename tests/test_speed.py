@@ -40,6 +40,25 @@ def test_decode_step_equals_module_forward(kw: dict) -> None:
         m.decode(x[:, :1], cache)
 
 
+@pytest.mark.parametrize("kw", [dict(bias=True), dict(LLAMA, bias=False)], ids=["gpt2", "llama"])
+def test_stream_layout_keeps_values_and_logits(kw: dict) -> None:
+    m = tiny(**kw)
+    x = torch.randint(0, 37, (2, 20))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    full, _ = m(x)
+    m.stream_layout()
+    wte = m.transformer.wte.weight
+    assert not wte.is_contiguous() and wte.t().is_contiguous() and m.lm_head.weight is wte  # still tied
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    torch.testing.assert_close(m(x)[0], full, atol=1e-5, rtol=1e-5)
+    cache = KVCache(m.config, 2, 24, "cpu", torch.float32)
+    m(x[:, :5], cache=cache)
+    plan = m.decode_plan()
+    steps = [m.decode(x[:, t:t + 1], cache, plan) for t in range(5, 20)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 5:], atol=1e-5, rtol=1e-5)
+
+
 def test_decodable_refuses_wrapped_layers() -> None:
     m = tiny()
     assert m.decodable()
