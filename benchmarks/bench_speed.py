@@ -11,7 +11,7 @@ from the same invocation.
   `configure_optimizers` and of pocketlm's model and optimizer, on the identical model and batch, for
   nanoGPT's CPU configuration (4 x 128, context 64, batch 12) and a 6 x 384, context-256 one; MFU against
   the matmul peak measured in the same run. `--levers` adds pocketlm variants (fused AdamW, torch.compile,
-  1 thread).
+  Muon for the blocks' matrices).
 
     python benchmarks/bench_speed.py [--nanogpt ../nanoGPT] [--rounds 5] [--only generate|train] [--levers]
 """
@@ -135,7 +135,7 @@ def pocketlm_step(shape: tuple[int, ...], lever: str = "") -> tuple[Callable[[],
     L, H, C, T, B = shape
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=65, block_size=T, n_layer=L, n_head=H, n_embd=C, bias=False))
-    t = config.TrainConfig()
+    t = config.TrainConfig(optimizer="muon" if lever == "muon" else "adamw")
     opt = optim.build(m, t, on_cuda=False)  # what `pocketlm train` builds on CPU
     if lever == "fused":
         opt = torch.optim.AdamW(optim.param_groups(m, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
@@ -158,7 +158,7 @@ def _step(fwd: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimiz
 
 
 def bench_train(name: str, nanogpt: Path, rounds: int, levers: bool) -> None:
-    from pocketlm.track import peak_flops
+    from pocketlm.track import measure_matmul_tflops, peak_flops
 
     shape = TRAIN_MODELS[name]
     L, H, C, T, B = shape
@@ -170,10 +170,13 @@ def bench_train(name: str, nanogpt: Path, rounds: int, levers: bool) -> None:
     if levers:
         fns["pocketlm_fused_adamw"], _ = pocketlm_step(shape, "fused")
         fns["pocketlm_compile"], _ = pocketlm_step(shape, "compile")
+        fns["pocketlm_muon"], _ = pocketlm_step(shape, "muon")
     calls = {k: (lambda f=f: [f() for _ in range(steps_per_call)]) for k, f in fns.items()}
     t0 = time.perf_counter()
     res = race(calls, rounds, warmup=2)
-    peak, _ = peak_flops(torch.device("cpu"), torch.float32, 0.0)
+    # the peak in this run, best of 2048^2 products over 2 s (a short figure under load would inflate MFU)
+    peak = max(measure_matmul_tflops(torch.device("cpu"), n=2048, seconds=2.0),
+               peak_flops(torch.device("cpu"), torch.float32, 0.0)[0] / 1e12) * 1e12
     flops_per_token = 6 * n_params + 12 * L * T * C  # PaLM's estimate, as the training log uses
     common = {"bench": "train", "model": name, "shape": dict(n_layer=L, n_head=H, n_embd=C, block_size=T,
               batch_size=B), "threads": torch.get_num_threads(), "rounds": rounds,
