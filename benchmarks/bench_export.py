@@ -1,5 +1,7 @@
 """The web export in headless Chromium (WASM, one thread): page load time and tokens/s, fp32 against int8,
-beside onnxruntime in Python and pocketlm's own engine (PyTorch); and the two browser runtimes the issue
+beside onnxruntime in Python and pocketlm's own engine (PyTorch); the same pages on WebGPU through
+SwiftShader, Chromium's software Vulkan (this machine has no GPU: those figures show the WebGPU path works
+and what it costs to start, not what a GPU would do); and the two browser runtimes the issue
 names: the shipped page (onnxruntime-web + @huggingface/tokenizers + pocketlm.js's sampling loop) against
 the transformers.js `text-generation` pipeline on the same ONNX files.
 
@@ -100,13 +102,15 @@ def tjs_site(onnx_dir: Path, site: Path) -> Path:
     return site
 
 
-def browser(site: Path, page: str, n: int) -> dict:
+def browser(site: Path, page: str, n: int, backend: str | None = None) -> dict:
     from pocketlm.export.browser import Page
 
-    with Page(site, page=page) as p:  # a fresh browser: nothing cached
+    with Page(site, page=page, webgpu=backend == "webgpu") as p:  # a fresh browser: nothing cached
         t0 = time.perf_counter()
         p.open()  # navigation to model ready: HTML, runtime, model download, WASM compile, session
         load_s = time.perf_counter() - t0
+        if backend is not None:  # the page reports the backend it runs on
+            assert p.info["backend"] == backend, p.info
         p.generate(PROMPT, max_new_tokens=n, temperature=0)  # warm-up: lets the WASM engine tier up
         text, st = p.generate(PROMPT, max_new_tokens=n, temperature=0)
         assert not p.blocked, p.blocked
@@ -158,8 +162,12 @@ def main() -> None:
             "pocketlm engine (PyTorch)": lambda: pocketlm_engine(tmp / "qs", args.tokens),
             "onnxruntime Python fp32": lambda: python_ort(tmp / "onnx/onnx/model.onnx", ids, args.tokens),
             "onnxruntime Python int8": lambda: python_ort(tmp / "onnx/onnx/model_quantized.onnx", ids, args.tokens),
-            "page fp32 (onnxruntime-web)": lambda: browser(tmp / "site-fp32", "index.html", args.tokens),
-            "page int8 (onnxruntime-web)": lambda: browser(tmp / "site-int8", "index.html", args.tokens),
+            "page fp32 (onnxruntime-web)": lambda: browser(tmp / "site-fp32", "index.html", args.tokens, "wasm"),
+            "page int8 (onnxruntime-web)": lambda: browser(tmp / "site-int8", "index.html", args.tokens, "wasm"),
+            "page fp32 WebGPU (SwiftShader)": lambda: browser(tmp / "site-fp32", "index.html", args.tokens, "webgpu"),
+            # int8 stays on WASM by default (WebGPU has no int8 matmul); asked for, it runs mixed
+            "page int8 WebGPU asked for (SwiftShader)": lambda: browser(
+                tmp / "site-int8", "index.html?backend=webgpu", args.tokens, "webgpu"),
             "transformers.js fp32": lambda: browser(tjs, "fp32.html", args.tokens),
             "transformers.js q8": lambda: browser(tjs, "q8.html", args.tokens),
         }
@@ -187,8 +195,10 @@ def main() -> None:
                   f"{tps / base:.2f} | {'yes' if same else 'no'} |")
         print()
         for d, rep in sites.items():
-            print(f"site {d}: model {rep['model_bytes'] / 1e6:.2f} MB, runtime {rep['runtime_bytes'] / 1e6:.2f} MB, "
-                  f"total {rep['total_bytes'] / 1e6:.2f} MB, gzip {rep['gzip_bytes'] / 1e6:.2f} MB")
+            print(f"site {d}: model {rep['model_bytes'] / 1e6:.2f} MB, runtime {rep['runtime_bytes'] / 1e6:.2f} MB "
+                  f"(WebGPU build {rep['webgpu_runtime_bytes'] / 1e6:.2f} MB), total {rep['total_bytes'] / 1e6:.2f} MB; "
+                  f"transfer gzip {rep['gzip_bytes'] / 1e6:.2f} MB on WASM, {rep['webgpu_gzip_bytes'] / 1e6:.2f} MB "
+                  f"on WebGPU")
         q8 = onnx_rep["variants"]["q8"]
         print(f"int8 vs PyTorch: argmax agrees {q8['argmax_agree']}/{q8['tokens']}, max |diff| {q8['max_abs_diff']:.3g}")
         tjs_rt = sum(f.stat().st_size for f in (tjs / "tjs").iterdir())
@@ -201,8 +211,8 @@ def main() -> None:
         big = exp.export(tmp / "ten", "web", tmp / "site-ten", quantize="int8", model_id="ten")
         v = big["variants"]["q8"]
         print(f"10M model ({params / 1e6:.2f}M parameters) web int8 export in {time.perf_counter() - t0:.0f}s: "
-              f"model {big['model_bytes'] / 1e6:.2f} MB, whole page {big['total_bytes'] / 1e6:.2f} MB, "
-              f"gzip {big['gzip_bytes'] / 1e6:.2f} MB; int8 argmax agrees {v['argmax_agree']}/{v['tokens']}, "
+              f"model {big['model_bytes'] / 1e6:.2f} MB, whole folder {big['total_bytes'] / 1e6:.2f} MB, "
+              f"transfer gzip {big['gzip_bytes'] / 1e6:.2f} MB on WASM, {big['webgpu_gzip_bytes'] / 1e6:.2f} MB on WebGPU; int8 argmax agrees {v['argmax_agree']}/{v['tokens']}, "
               f"greedy identical for {v['greedy_same_prefix']} tokens")
         print(f"load average during the runs: {min(loads):.1f}-{max(loads):.1f}")
         print(json.dumps({k: [{kk: vv for kk, vv in x.items() if kk in ('load_s', 'tok_s')} for x in rs]

@@ -207,7 +207,7 @@ def summary(report: dict[str, Any]) -> list[str]:
         f"  runtime  {m(report['runtime_bytes']):>10}  ({m(report['runtime_gzip_bytes'])} gzipped): "
         + ", ".join(f"{k} {v}" for k, v in report["npm"].items()),
         f"  webgpu   {m(report['webgpu_runtime_bytes']):>10}  ({m(report['webgpu_runtime_gzip_bytes'])} gzipped): "
-        "fetched instead of runtime/wasm/ only where the browser has WebGPU",
+        "fetched instead of runtime/wasm/ only when the page runs on WebGPU",
         f"  page     {m(report['page_bytes']):>10}",
         f"  total    {m(report['total_bytes']):>10}  on disk; a visitor transfers {m(report['gzip_bytes'])} gzipped "
         f"(WASM) or {m(report['webgpu_gzip_bytes'])} (WebGPU)",
