@@ -242,3 +242,55 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PocketLMError, match="could not load a tokenizer from 'no-such-tokenizer'"):
         toklib.load("no-such-tokenizer")
+
+
+# ---- the vectorised ASCII split of the byte-level pre-tokenizer (fastbpe.AsciiWords) --------------------
+
+ASCII_EDGES = " \n\t\r\x0b\x0c'sdtmlrevA1.,!-"  # whitespace runs, contractions, letters, digits, marks
+
+
+def _ascii_words(text: str) -> list[str]:
+    data = ("\0" + text + "\0").encode("ascii")
+    starts, lengths, k0, _ = fastbpe.AsciiWords().split(data)
+    return [data[a:a + n].decode() for a, n, k in zip(starts, lengths, k0) if k != 0]
+
+
+@HYPO
+@given(text=st.text(alphabet=ASCII_EDGES, max_size=40))
+def test_vectorised_ascii_split_equals_the_regex(text: str) -> None:
+    assert _ascii_words(text) == fastbpe.python_pattern("byte-level", ascii=True).findall(text)
+
+
+def test_vectorised_ascii_split_on_the_hard_cases() -> None:
+    for text in ["it's 'tis x''s x.'s 5's \n's  's 'rex 'lll 'S", "a  b\n\n  c \t\n d  ", "\n\n\nx", " ", "  ",
+                 "'", "''s", "a\x01b\x1fc\x7f", "don't stop-believin'  ", "x" * 40 + " " + "9" * 20 + "\n" * 20]:
+        assert _ascii_words(text) == fastbpe.python_pattern("byte-level", ascii=True).findall(text), text
+
+
+@HYPO
+@given(texts=st.lists(st.text(alphabet=ASCII_EDGES + "é\x00😀", max_size=30), max_size=6))
+def test_batches_mixing_ascii_and_other_texts_equal_the_library(bpes, texts: list[str]) -> None:
+    """ASCII texts take the numpy path, the others (and any with a NUL) the regex path; the order holds."""
+    tok = bpes["byte-level"]
+    assert tok.encode_batch(texts, ordinary=True) == library_ids(tok, texts)
+
+
+def test_long_words_and_cache_resets_equal_the_library(bpes, monkeypatch) -> None:
+    tok = bpes["byte-level"]
+    texts = ["a" * n + " " + "b" * n + "\n" * n for n in (1, 7, 8, 9, 15, 16, 17, 40)] + [TEXT * 3, "", "x"]
+    assert tok.encode_batch(texts, ordinary=True) == library_ids(tok, texts)
+    monkeypatch.setattr(fastbpe, "MAX_WORDS", 12)  # the cache starts over in the middle of every batch
+    fresh = fastbpe.WordCacheEncoder.for_tokenizer(tok.tk)
+    words = [f"w{i} {'z' * (i % 20)} it's" for i in range(200)]
+    for batch in (words[:30], words, words[::-1]):
+        flat, per_text = fresh.encode_flat(batch)
+        assert flat.tolist() == sum(library_ids(tok, batch), []) and per_text.tolist() == [
+            len(x) for x in library_ids(tok, batch)]
+
+
+@needs_gpt2
+def test_gpt2_ascii_path_equals_the_library_on_a_corpus(gpt2: toklib.Tok) -> None:
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+    texts = shared.read_text(encoding="utf-8")[:300_000].split("\n\n") if shared.is_file() else [TEXT] * 50
+    assert gpt2.words.ascii_words is not None
+    assert gpt2.encode_batch(texts, ordinary=True) == library_ids(gpt2, texts)

@@ -28,7 +28,7 @@ from pocketlm.data.documents import check_text_file, file_sha256, iter_documents
 from pocketlm.data.records import Problems, is_jsonl, read_records
 from pocketlm.data.shards import ShardWriter, open_shard
 from pocketlm.errors import PocketLMError
-from pocketlm.fastbpe import encode_parallel
+from pocketlm.fastbpe import encode_parallel, keep_freed_memory
 from pocketlm.progress import Progress
 
 FORMAT_VERSION = 1
@@ -128,6 +128,7 @@ def prepare(inputs: list[str | Path], out: str | Path, cfg: DataConfig, val: lis
             raise PocketLMError(f"unknown tokenizer {cfg.tokenizer!r}: use 'char', 'bpe', a folder with tokenizer "
                                 f"files, 'gpt2' or a Hugging Face id ({e})") from None
     t0 = time.perf_counter()
+    keep_freed_memory()
 
     # pass 1: validate, hash, count documents (and collect characters for char-level)
     total_bytes = sum(s.path.stat().st_size for s in sources)
