@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="pocketlm config for both parts (default: %(default)s)")
     ap.add_argument("--budget", type=float, default=600, help="fixed budget in seconds (default: %(default)s)")
     ap.add_argument("--skip-budget", action="store_true", help="time to quality only")
+    ap.add_argument("--steps", type=int, default=2000, help="nanoGPT's reference run (default: %(default)s; "
+                    "fewer for a smoke run)")
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                     help="before each run, wait up to S seconds for the machine to be under 20%% busy")
     ap.add_argument("--keep", type=Path, help="keep the work files (data, logs, runs) in this folder")
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         core.emit({"bench": "machine", "torch": core.torch.__version__, "cpus": os.cpu_count(),
                    "load_1m": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
         (work / "ref").mkdir()
-        ref = core.run_nanogpt(nanogpt, text, work / "ref", 2000, 250, args.wait_quiet)
+        ref = core.run_nanogpt(nanogpt, text, work / "ref", args.steps, min(250, args.steps // 2), args.wait_quiet)
         half = ref["wall_s"] / 2
         ours = pocketlm_budget(text, work / "ttq", recipe, half - ALLOWANCE_S, args.wait_quiet)
         core.emit({"bench": "time_to_quality", **ours})
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_budget:
             # nanoGPT's 2000 steps took ref wall; scale its step count so the whole command fits the budget
             startup = 5.0
-            iters = int(2000 * (args.budget - startup) / max(1.0, ref["wall_s"] - startup) * 0.97)
+            iters = int(args.steps * (args.budget - startup) / max(1.0, ref["wall_s"] - startup) * 0.97)
             (work / "budget").mkdir()
             ng = core.emit({"bench": "budget", "budget_s": args.budget,
                             **nanogpt_budget(nanogpt, text, work / "budget", iters, 1.1 * args.budget, args.wait_quiet)})
