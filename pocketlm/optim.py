@@ -1,12 +1,18 @@
 """Optimizers for the training loop: AdamW, or Muon for the hidden matrices with AdamW for the rest.
 
-Both are one `torch.optim.Optimizer`, so the loop, gradient scaling, clipping and the checkpoint code
-(optimizer state keyed by parameter name) treat them alike. The loop sets each group's learning rate to the
-schedule's value times the group's `lr_scale`: Muon's matrices run at `muon_lr`, the rest at `lr`.
+Both present torch.optim's interface (`param_groups`, `state`, `step`, `zero_grad`, `state_dict`,
+`load_state_dict`), so the loop, gradient scaling, clipping and the checkpoint code (optimizer state keyed
+by parameter name) treat them alike. The loop sets each group's learning rate to the schedule's value times
+the group's `lr_scale`: Muon's matrices run at `muon_lr`, the rest at `lr`.
+
+On CPU they do not run `torch.optim.Optimizer`'s code: its `add_param_group` imports torch._dynamo on first
+use, 70 MB resident and ~1.5 s of start-up, a fifth of a small model's whole training peak. AdamW here is
+torch's multi-tensor algorithm, op for op; on CUDA, where that cost is nothing, torch's fused AdamW runs.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -25,12 +31,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def build(model: torch.nn.Module, t: Any, on_cuda: bool) -> torch.optim.Optimizer:
+def build(model: torch.nn.Module, t: Any, on_cuda: bool) -> Optimizer | torch.optim.Optimizer:
     """The optimizer `t` (the train config) asks for."""
     if t.optimizer == "adamw":
-        # fused kernels on CUDA; elsewhere the multi-tensor path (torch defaults CPU to one tensor at a time)
-        return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                                 fused=on_cuda or None, foreach=None if on_cuda else True)
+        if on_cuda:  # torch's fused kernels
+            return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                                     fused=True)
+        return AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
     if t.optimizer != "muon":
         raise PocketLMError(f"unknown train.optimizer {t.optimizer!r}: use {' or '.join(OPTIMIZERS)}")
     # Muon for the 2-D weights inside the blocks; embeddings (tied to the output head), biases and norm
@@ -65,7 +72,93 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return (x.mT if tall else x).to(g.dtype)
 
 
-class Muon(torch.optim.Optimizer):
+class Optimizer(torch.optim.Optimizer):
+    """torch.optim.Optimizer without its import of torch._dynamo (see the module docstring): a subclass, so
+    isinstance checks (torch.distributed.checkpoint, GradScaler) hold, that never runs the base class's
+    `__init__` or its dynamo-wrapped methods. `state_dict` / `load_state_dict` use torch's layout (state keyed
+    by parameter index, groups listing indices)."""
+
+    def __init__(self, groups: list[dict[str, Any]], defaults: dict[str, Any]) -> None:  # noqa: no super()
+        self.defaults = defaults
+        self.state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        self.param_groups: list[dict[str, Any]] = []
+        for g in groups:
+            self.param_groups.append({**defaults, **g, "params": list(g["params"])})
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for g in self.param_groups:
+            for p in g["params"]:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        index, groups = {}, []
+        for g in self.param_groups:
+            ids = []
+            for p in g["params"]:
+                ids.append(index.setdefault(p, len(index)))
+            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": ids})
+        return {"state": {index[p]: dict(st) for p, st in self.state.items() if p in index},
+                "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's: saved groups are matched to ours in order, and their `params` entries (indices, or the
+        parameter names torch.distributed.checkpoint writes) name the state's keys."""
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.param_groups) or \
+                any(len(a["params"]) != len(b["params"]) for a, b in zip(saved, self.param_groups)):
+            raise PocketLMError("the saved optimizer state does not match this model's parameters; "
+                                "start a new run with --overwrite")
+        key_to_param = {k: p for a, b in zip(saved, self.param_groups) for k, p in zip(a["params"], b["params"])}
+        for g, s in zip(self.param_groups, saved):
+            g.update({k: v for k, v in s.items() if k != "params"})
+        self.state = defaultdict(dict)
+        for key, st in state_dict["state"].items():
+            p = key_to_param[key]
+            self.state[p] = {k: (v.to(p.device) if k == "step" else v.to(p.device, p.dtype))
+                             if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+
+    def _adamw(self, group: dict[str, Any]) -> None:
+        """torch.optim.AdamW's multi-tensor step (decoupled weight decay, bias-corrected moments)."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        for p in params:
+            if not self.state[p]:
+                self.state[p].update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(p),
+                                     exp_avg_sq=torch.zeros_like(p))
+        states = [self.state[p] for p in params]
+        grads = [p.grad for p in params]
+        m, v = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
+        torch._foreach_add_([st["step"] for st in states], 1)
+        n = states[0]["step"].item()  # every parameter of a group steps together
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_lerp_(m, grads, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, grads, grads, 1 - beta2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, (1 - beta2 ** n) ** 0.5)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(params, m, denom, -lr / (1 - beta1 ** n))
+
+
+class AdamW(Optimizer):
+    def __init__(self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            self._adamw(group)
+
+
+class Muon(Optimizer):
     """Muon (momentum, then the update orthogonalised) for groups with `muon=True`; AdamW for the others.
 
     Muon: m = momentum * m + (1 - momentum) * g; u = orthogonalize(g + momentum * (m - g)) (Nesterov),
@@ -82,28 +175,13 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             if group["muon"]:
                 self._muon(group)
-                continue
-            lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros(())
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                beta1, beta2 = group["betas"]
-                state["step"] += 1
-                n = state["step"].item()
-                state["exp_avg"].lerp_(p.grad, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denom = (state["exp_avg_sq"] / (1 - beta2 ** n)).sqrt_().add_(group["eps"])
-                p.mul_(1 - lr * wd).addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** n))
+            else:
+                self._adamw(group)
 
     def _muon(self, group: dict[str, Any]) -> None:
         """One Muon step for a group. Matrices of the same shape (the same layer in every block) are
-        orthogonalised as one stack: a small model's Newton-Schulz is dozens of tiny matmuls per matrix, and
-        batching them cuts the op count by the number of blocks."""
+        orthogonalised as one stack (batched matmuls): the op count shrinks by the number of blocks, which
+        counts on GPUs where each op is a kernel launch; on CPU the Newton-Schulz FLOPs dominate either way."""
         lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
         by_shape: dict[torch.Size, list[torch.Tensor]] = {}
         for p in group["params"]:

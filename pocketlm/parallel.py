@@ -66,21 +66,47 @@ def grad_sync(fwd: torch.nn.Module, model: torch.nn.Module, enabled: bool):
         yield
 
 
+def _plain(model: torch.nn.Module) -> bool:
+    """One process with ordinary tensors: state dicts need no gathering, and torch.distributed.checkpoint
+    (47 MB resident once imported) stays unloaded."""
+    return not (dist.is_available() and dist.is_initialized()) and \
+        not any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Gathered CPU tensors (a collective under FSDP: every rank calls it, rank 0 uses it)."""
+    if _plain(model):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     return get_model_state_dict(model, options=_full_options())
 
 
-def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def _names(model: torch.nn.Module, optimizer: Any) -> list[str]:
+    """Parameter name of each optimizer index (state_dict numbers the groups' params in order)."""
+    names = {p: n for n, p in model.named_parameters()}
+    return [names[p] for g in optimizer.param_groups for p in g["params"]]
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
+    """Optimizer state keyed by parameter name, as torch.distributed.checkpoint's full state dict."""
+    if _plain(model):
+        names, sd = _names(model, optimizer), optimizer.state_dict()
+        return {"state": {names[i]: {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
+                                     for k, v in st.items()} for i, st in sd["state"].items()},
+                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     return get_optimizer_state_dict(model, optimizer, options=_full_options())
 
 
-def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+def load_full_state(model: torch.nn.Module, optimizer: Any | None,
                     model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any] | None) -> None:
+    if _plain(model):
+        model.load_state_dict(model_state)
+        if optimizer is not None and optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)  # groups in order; names key the state
+        return
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
