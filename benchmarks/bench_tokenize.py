@@ -6,10 +6,12 @@ One invocation, on generated text (documents drawn from the shared corpora, shuf
    encoder in 1 and 2 processes (a byte-level BPE trained here, and GPT-2's vocabulary), tiktoken's GPT-2
    encode_ordinary_batch with 1 and 2 threads; pocketlm's GPT-2 ids are checked equal to tiktoken's;
 3. `pocketlm prepare` on the whole generated file (default 1 GB) and on a quarter of it: wall time, MB/s,
-   peak RSS of the process tree (sampled from /proc); and tiktoken's GPT-2 over the same 1 GB file.
-One JSON line per figure:
+   peak RSS of the process tree (sampled from /proc), CPU-seconds of the whole tree (prepare and its worker
+   processes) and MB per CPU-second, with the exact command; and tiktoken's GPT-2 over the quarter file.
+One JSON line per figure (the first names this invocation's exact command):
 
     python benchmarks/bench_tokenize.py [--gb 1] [--sample-mb 32] [--rounds 3] [--work /tmp/pocketlm-bench-tok]
+        [--skip-prepare | --prepare-only]
 """
 
 from __future__ import annotations
@@ -177,11 +179,11 @@ def tree_rss_kib(pid: int) -> int:
 def run_prepare(corpus: Path, tok_dir: Path, out: Path) -> dict:
     import resource
 
-    cmd = [sys.executable, "-m", "pocketlm", "prepare", str(corpus), "--tokenizer", str(tok_dir), "--out", str(out),
+    cmd = ["python", "-m", "pocketlm", "prepare", str(corpus), "--tokenizer", str(tok_dir), "--out", str(out),
            "--overwrite", "--quiet"]
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, *cmd[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = 0
     while proc.poll() is None:
         peak = max(peak, tree_rss_kib(proc.pid))
@@ -198,7 +200,7 @@ def run_prepare(corpus: Path, tok_dir: Path, out: Path) -> dict:
             "mb_per_s": round(size / wall / 1e6, 2), "encode_mb_per_s": round(size / m["timings"]["encode"] / 1e6, 2),
             "timings": m["timings"], "tokens": sum(s["tokens"] for s in m["splits"].values()),
             "cpu_s": round(cpu, 1), "mb_per_cpu_s": round(size / cpu / 1e6, 2),
-            "peak_rss_mib": round(peak / 1024), "load": load_avg()}
+            "peak_rss_mib": round(peak / 1024), "load": load_avg(), "command": " ".join(cmd)}
 
 
 def tiktoken_file(enc, corpus: Path) -> dict:
@@ -226,9 +228,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", default="/tmp/pocketlm-bench-tok")
     ap.add_argument("--skip-prepare", action="store_true")
+    ap.add_argument("--prepare-only", action="store_true", help="only the two prepare runs (no rounds, no tiktoken)")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     from pocketlm import tokenizer as toklib
+
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    emit({"figure": "command", "command": "python benchmarks/bench_tokenize.py " + " ".join(sys.argv[1:]),
+          "commit": commit, "date": time.strftime("%a %b %d %H:%M UTC %Y", time.gmtime())})
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -246,15 +254,17 @@ def main() -> None:
     gpt2 = toklib.load(SHARED / "gpt2_tokenizer")
     enc = tiktoken_gpt2()
     emit({"figure": "machine", "cpus": os.cpu_count(), "load": load_avg(), "python": sys.version.split()[0]})
-    where_time_goes(tok, docs_of(corpus, 4 << 20))
-    encode_rounds(tok, gpt2, enc, docs_of(corpus, int(args.sample_mb * (1 << 20))), args.rounds)
+    if not args.prepare_only:
+        where_time_goes(tok, docs_of(corpus, 4 << 20))
+        encode_rounds(tok, gpt2, enc, docs_of(corpus, int(args.sample_mb * (1 << 20))), args.rounds)
     if args.skip_prepare:
         return
     quarter = work / "corpus_quarter.txt"
     if not quarter.is_file() or quarter.stat().st_size < n_bytes // 4:
         make_corpus(quarter, n_bytes // 4, seed=1)
     emit(run_prepare(quarter, tok_dir, work / "ds_quarter"))
-    emit(tiktoken_file(enc, quarter))
+    if not args.prepare_only:
+        emit(tiktoken_file(enc, quarter))
     emit(run_prepare(corpus, tok_dir, work / "ds"))
 
 
