@@ -403,19 +403,29 @@ def encode_flat(tok, texts: list[str], ordinary: bool = False) -> tuple[np.ndarr
     return np.fromiter(chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum())), lengths
 
 
-def _encode_task(texts: list[str], ordinary: bool) -> tuple[np.ndarray, np.ndarray]:
-    return encode_flat(_worker_tok, texts, ordinary)
+def _texts(batch) -> list[str]:
+    """A batch is a list of texts, or (function, args) that returns one, called where the batch is encoded
+    (a worker reading its own part of a file instead of receiving the text through a pipe)."""
+    if isinstance(batch, list):
+        return batch
+    fn, args = batch
+    return fn(*args)
 
 
-def encode_parallel(tok, batches: Iterator[list[str]], workers: int, ordinary: bool = False,
+def _encode_task(batch, ordinary: bool) -> tuple[np.ndarray, np.ndarray]:
+    return encode_flat(_worker_tok, _texts(batch), ordinary)
+
+
+def encode_parallel(tok, batches: Iterator, workers: int, ordinary: bool = False,
                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Encode batches of texts in `workers` processes; yields each batch's `encode_flat` in input order.
 
-    At most 2 x workers batches are in flight, so memory does not depend on the corpus size.
+    A batch is a list of texts or a (function, args) pair that returns them (see `_texts`). At most
+    2 x workers batches are in flight, so memory does not depend on the corpus size.
     """
     if workers <= 1:
-        for texts in batches:
-            yield encode_flat(tok, texts, ordinary)
+        for batch in batches:
+            yield encode_flat(tok, _texts(batch), ordinary)
         return
     import multiprocessing as mp
 

@@ -8,6 +8,7 @@ import pytest
 
 from pocketlm.config import DataConfig
 from pocketlm.data import prepare as preplib
+from pocketlm.data.documents import document_ranges, iter_documents, read_range
 from pocketlm.data.prepare import Dataset, prepare
 from pocketlm.errors import PocketLMError
 
@@ -71,9 +72,31 @@ def test_special_token_in_the_text_is_refused(tmp_path: Path) -> None:
         prepare([write_jsonl(tmp_path / "e.jsonl", ["", "  "])], tmp_path / "d", DataConfig(), verbose=False)
 
 
+TRICKY = "a\n\nb\r\n\r\nc\n  \t\n\nd\re\n\r\n\n\n \nf\u3000\n\u3000\n\ng h\n\n\n"  # blank lines of every kind
+
+
+@pytest.mark.parametrize("separator", ["blank-line", "line"])
+def test_file_ranges_hold_whole_documents(tmp_path: Path, separator: str) -> None:
+    """Workers read byte ranges of the file: cut anywhere allowed, the documents are those of the whole file."""
+    path = tmp_path / "t.txt"
+    path.write_bytes((TRICKY * 7 + "tail without newline").encode("utf-8"))
+    whole = list(iter_documents(path, separator))
+    for size in range(1, 40):
+        ranges = list(document_ranges(path, separator, size))
+        assert ranges[0][0] == 0 and ranges[-1][1] == path.stat().st_size
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert [d for a, b in ranges for d in read_range(path, a, b, separator)] == whole
+
+
 @pytest.mark.slow
-def test_parallel_encoding_writes_the_same_shards(tmp_path: Path, monkeypatch) -> None:
-    src = write_jsonl(tmp_path / "c.jsonl", [f"{d} number {i}" for i in range(400) for d in DOCS])
+@pytest.mark.parametrize("kind", ["jsonl", "txt"])
+def test_parallel_encoding_writes_the_same_shards(tmp_path: Path, monkeypatch, kind: str) -> None:
+    docs = [f"{d} number {i}" for i in range(400) for d in DOCS]
+    if kind == "jsonl":  # the parent reads the documents and sends them to the workers
+        src = write_jsonl(tmp_path / "c.jsonl", docs)
+    else:  # each worker reads its own byte range of the file
+        src = tmp_path / "c.txt"
+        src.write_text("\n\n".join(docs) + TRICKY, encoding="utf-8")
     cfg = dict(tokenizer="bpe", vocab_size=320, start_token="<|s|>", val_fraction=0.2)
     prepare([src], tmp_path / "one", DataConfig(**cfg, workers=1), verbose=False)
     monkeypatch.setattr(preplib, "PARALLEL_BYTES", 0)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,34 +68,73 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# where a file can be cut without changing its documents: after a line break that ends a blank line
+# ('blank-line': nothing is pending there) or after any line break ('line')
+CUTS = {"blank-line": re.compile(rb"\n[ \t]*\r?\n"), "line": re.compile(rb"\n")}
+
+
+def document_ranges(path: Path, separator: str, size: int) -> Iterator[tuple[int, int]]:
+    """Byte ranges of about `size` bytes that together cover the file and each hold whole documents, so
+    `read_range` over them yields exactly `iter_documents` (separators in CUTS only)."""
+    cut = CUTS[separator]
+    total = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        start = 0
+        while start < total:
+            end, at = total, start + size
+            while at < total:
+                f.seek(at)
+                window = f.read(1 << 16)
+                m = cut.search(window)
+                if m:
+                    end = at + m.end()
+                    break
+                at += max(1, len(window) - 1)  # a cut may start at the window's last byte
+            yield start, end
+            start = end
+
+
+def read_range(path: Path, start: int, end: int, separator: str) -> list[str]:
+    """The documents of bytes [start, end) of a file, cut by `document_ranges`."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        text = f.read(end - start).decode("utf-8")
+    return list(_split(io.StringIO(text, newline=""), separator))
+
+
 def iter_documents(path: Path, separator: str) -> Iterator[str]:
     """Documents of one file, stripped of the separator; empty documents are skipped."""
     with open(path, encoding="utf-8", newline="") as f:
-        if separator == "file":
-            text = f.read()
-            if text.strip():
-                yield text
-            return
-        if separator in ("blank-line", "line"):
-            buf: list[str] = []
-            for line in f:
-                if separator == "line":
-                    if line.strip():
-                        yield line.rstrip("\r\n")
-                    continue
+        yield from _split(f, separator)
+
+
+def _split(f, separator: str) -> Iterator[str]:
+    """The documents of a text stream opened with newline="" (line breaks as they are in the file)."""
+    if separator == "file":
+        text = f.read()
+        if text.strip():
+            yield text
+        return
+    if separator in ("blank-line", "line"):
+        buf: list[str] = []
+        for line in f:
+            if separator == "line":
                 if line.strip():
-                    buf.append(line)
-                elif buf:
-                    yield "".join(buf).rstrip("\r\n")
-                    buf = []
-            if buf:
+                    yield line.rstrip("\r\n")
+                continue
+            if line.strip():
+                buf.append(line)
+            elif buf:
                 yield "".join(buf).rstrip("\r\n")
-            return
-        # a literal separator: read in chunks, keep the unfinished tail
-        tail = ""
-        while chunk := f.read(1 << 20):
-            parts = (tail + chunk).split(separator)
-            tail = parts.pop()
-            yield from (p.strip("\r\n") for p in parts if p.strip())
-        if tail.strip():
-            yield tail.strip("\r\n")
+                buf = []
+        if buf:
+            yield "".join(buf).rstrip("\r\n")
+        return
+    # a literal separator: read in chunks, keep the unfinished tail
+    tail = ""
+    while chunk := f.read(1 << 20):
+        parts = (tail + chunk).split(separator)
+        tail = parts.pop()
+        yield from (p.strip("\r\n") for p in parts if p.strip())
+    if tail.strip():
+        yield tail.strip("\r\n")

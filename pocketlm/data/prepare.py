@@ -24,7 +24,8 @@ import numpy as np
 
 from pocketlm import tokenizer as toklib
 from pocketlm.config import DataConfig
-from pocketlm.data.documents import check_text_file, file_sha256, iter_documents, list_files
+from pocketlm.data.documents import (CUTS, check_text_file, document_ranges, file_sha256, iter_documents,
+                                     list_files, read_range)
 from pocketlm.data.records import Problems, is_jsonl, read_records
 from pocketlm.data.shards import ShardWriter, open_shard
 from pocketlm.errors import PocketLMError
@@ -187,7 +188,14 @@ def prepare(inputs: list[str | Path], out: str | Path, cfg: DataConfig, val: lis
     workers = cfg.workers or len(os.sched_getaffinity(0))
     workers = workers if total_bytes >= PARALLEL_BYTES else 1
 
-    def batches() -> Iterator[list[str]]:
+    def batches() -> Iterator:
+        if workers > 1 and cfg.separator in CUTS and not any(is_jsonl(s.path) for s in sources):
+            # each worker reads and splits its own part of the file: no text through the pipes
+            for src in sources:
+                for start, end in document_ranges(src.path, cfg.separator, BATCH_BYTES):
+                    sizes.append(end - start)
+                    yield read_range, (src.path, start, end, cfg.separator)
+            return
         batch: list[str] = []
         size = 0
         for _, doc in _documents(sources, cfg.separator):
@@ -207,6 +215,9 @@ def prepare(inputs: list[str | Path], out: str | Path, cfg: DataConfig, val: lis
             _write_batch(flat, lengths, split[first:first + len(lengths)], writers, start_id, tok.eot_id)
             first += len(lengths)
             bar.update(sizes.pop(0))
+        if first != len(split):
+            raise PocketLMError(f"internal error: {first} documents encoded, {len(split)} counted; "
+                                "please report it, and run again with --workers 1")
         for w in writers.values():
             w.close()
     except BaseException:
