@@ -196,7 +196,8 @@ def main() -> None:
         print()
         for d, rep in sites.items():
             print(f"site {d}: model {rep['model_bytes'] / 1e6:.2f} MB, runtime {rep['runtime_bytes'] / 1e6:.2f} MB "
-                  f"(WebGPU build {rep['webgpu_runtime_bytes'] / 1e6:.2f} MB), total {rep['total_bytes'] / 1e6:.2f} MB; "
+                  f"(WebGPU build {rep['webgpu_runtime_bytes'] / 1e6:.2f} MB), "
+                  f"total {rep['total_bytes'] / 1e6:.2f} MB; "
                   f"transfer gzip {rep['gzip_bytes'] / 1e6:.2f} MB on WASM, {rep['webgpu_gzip_bytes'] / 1e6:.2f} MB "
                   f"on WebGPU")
         q8 = onnx_rep["variants"]["q8"]

@@ -101,7 +101,8 @@ def copy_runtime(modules: Path, dst: Path) -> None:
             for f in files:
                 src = modules / pkg / f
                 if not src.is_file():
-                    raise PocketLMError(f"{src} is missing from the npm cache: delete {modules.parent} and export again")
+                    raise PocketLMError(f"{src} is missing from the npm cache: delete {modules.parent} and "
+                                        "export again")
                 shutil.copy2(src, dst / sub / Path(f).name)
                 copied.append(f"{sub}/{Path(f).name}".lstrip("/"))
         meta = json.loads((modules / pkg / "package.json").read_text(encoding="utf-8"))

@@ -6,8 +6,9 @@
 // Importing this module also sets window.pocketlm = { generate, load }. The model is an ONNX decoder with
 // past key values (inputs input_ids, attention_mask, position_ids, past_key_values.{i}.key|value) run by
 // onnxruntime-web on WebGPU when the browser offers a WebGPU adapter, else on WebAssembly (`backend`:
-// "auto", "webgpu" or "wasm"); the runtime of the chosen backend is imported on demand, so a WASM visitor never
-// downloads the WebGPU build. The tokenizer is the model's own tokenizer.json through @huggingface/tokenizers. Decoding mirrors pocketlm's Python engine exactly: the prompt's last
+// "auto", "webgpu" or "wasm"); the runtime of the chosen backend is imported on demand, so a WASM visitor
+// never downloads the WebGPU build. The tokenizer is the model's own tokenizer.json through
+// @huggingface/tokenizers. Decoding mirrors pocketlm's Python engine exactly: the prompt's last
 // `context_length` tokens are prefilled, and when the cache is full the last 3/4 of the window is prefilled
 // again, so greedy output (temperature 0) equals `pocketlm generate --temperature 0` token for token.
 
@@ -119,7 +120,8 @@ export async function chooseBackend(requested = "auto", model = {}) {
   // onnxruntime's WebGPU provider has no int8 matmul (MatMulInteger, DynamicQuantizeLinear): a dynamically
   // quantized model would run its matmuls on the CPU anyway, with a GPU round trip around each one
   if (model.dtype === "q8" && requested === "auto") {
-    return { backend: "wasm", note: "WASM: WebGPU has no kernels for this int8 model's matmuls (?backend=webgpu forces it)" };
+    return { backend: "wasm",
+             note: "WASM: WebGPU has no kernels for this int8 model's matmuls (?backend=webgpu forces it)" };
   }
   return { backend: "webgpu", note: requested === "webgpu" ? "WebGPU (asked for)" : "WebGPU" };
 }
@@ -140,13 +142,14 @@ async function runtime(backend, threads) {
 
 async function createSession(backend, bytes, threads) {
   const ort = await runtime(backend, threads);
-  // on WebGPU the outputs stay on the GPU ("gpu-buffer"): the cache (present.*) goes back in as the next step's
-  // past without a round trip, and only the logits are read back
-  // logSeverityLevel 3 (errors only): WebGPU sessions otherwise log, as a console error, that shape ops run on
-  // the CPU, which is by design
+  // On WebGPU the outputs stay on the GPU ("gpu-buffer"): the cache (present.*) goes back in as the next step's
+  // past without a round trip, and only the logits are read back. logSeverityLevel 3 (errors only): WebGPU
+  // sessions otherwise log, as a console error, that shape ops run on the CPU, which is by design.
   const options = backend === "webgpu"
     ? { executionProviders: ["webgpu"], preferredOutputLocation: "gpu-buffer" } : { executionProviders: ["wasm"] };
-  return [ort, await ort.InferenceSession.create(bytes, { ...options, graphOptimizationLevel: "all", logSeverityLevel: 3 })];
+  const session = await ort.InferenceSession.create(bytes, { ...options, graphOptimizationLevel: "all",
+                                                              logSeverityLevel: 3 });
+  return [ort, session];
 }
 
 export class PocketLM {
