@@ -191,7 +191,7 @@ def run_pocketlm(text: Path, work: Path, steps: int, eval_interval: int, quiet_s
     model.eval()
     best_step = json.loads((run / "best" / "trainer_state.json").read_text())["step"]
     full = full_val_loss(lambda x, y: model(x, y)[1], Dataset(data).split("val"), MODEL_ARGS["block_size"])
-    return emit({"bench": "train", "impl": "pocketlm", "steps": last["step"],
+    return emit({"bench": "train", "impl": "pocketlm", "steps": last["step"], "extra_args": " ".join(extra),
                  **step_figures(last["elapsed_s"] / last["step"] * 1000, window_ms),
                  "final_val_loss": round(vals[-1]["val/loss"], 4),
                  "best_val_loss": round(vals[-1]["val/best_loss"], 4), "full_val_loss_best_ckpt": round(full, 4),
@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="train each this often, alternating the order; "
                     "ratios use the medians (default: %(default)s)")
     ap.add_argument("--keep", type=Path, help="keep the work files (data, logs, runs) in this folder")
+    ap.add_argument("--pocketlm-steps", type=int, help="pocketlm's steps (default: the same as nanoGPT's)")
+    ap.add_argument("--pocketlm-args", default="", help="extra `pocketlm train` flags, e.g. "
+                    "\"--train.optimizer muon\" with --pocketlm-steps 1000: same model and batch, another recipe")
     args = ap.parse_args(argv)
     nanogpt = find_nanogpt(args.nanogpt)
     if not args.data.is_file():
@@ -291,8 +294,9 @@ def main(argv: list[str] | None = None) -> int:
             rwork.mkdir()
             jobs = [lambda: ngs.append(run_nanogpt(nanogpt, args.data.resolve(), rwork, steps, eval_interval,
                                                    args.wait_quiet)),
-                    lambda: pls.append(run_pocketlm(args.data.resolve(), rwork, steps, eval_interval,
-                                                    args.wait_quiet))]
+                    lambda: pls.append(run_pocketlm(args.data.resolve(), rwork, args.pocketlm_steps or steps,
+                                                    eval_interval, args.wait_quiet,
+                                                    tuple(args.pocketlm_args.split())))]
             for job in (jobs if r % 2 == 0 else jobs[::-1]):
                 job()
         keys = ("wall_s", "cpu_s", "ms_per_step", "ms_per_step_median10", "ms_per_step_p10", "tokens_per_s",
