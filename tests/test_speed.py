@@ -160,3 +160,31 @@ def test_time_budget_sizes_the_run_to_the_clock(tmp_path: Path, char_data: Path)
     lrs = [r["lr"] for r in st.history if "lr" in r]
     assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] < 1e-2  # the cosine follows the clock
     assert any("val/loss" in r for r in st.history)  # a final evaluation when the budget is spent
+
+
+@pytest.mark.slow
+def test_compiled_training_step_equals_eager() -> None:
+    """`--train.compile` runs torch.compile (inductor): the same losses and gradients as eager, to float noise."""
+    from pocketlm import config, optim
+
+    def run(compiled: bool) -> tuple[list[float], list[torch.Tensor]]:
+        m = tiny(bias=False).train()
+        fwd = torch.compile(m) if compiled else m
+        opt = optim.build(m, config.TrainConfig(), on_cuda=False)
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(3):
+            x = torch.randint(0, 37, (4, 24), generator=g)
+            _, loss = fwd(x, x.roll(-1, dims=1))
+            loss.backward()
+            grads = [p.grad.clone() for p in m.parameters()]
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        return losses, grads
+
+    (eager, g_eager), (compiled, g_compiled) = run(False), run(True)
+    assert eager[-1] < eager[0]
+    assert compiled == pytest.approx(eager, abs=1e-5)
+    for a, b in zip(g_compiled, g_eager):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
