@@ -5,7 +5,8 @@ Inputs are UTF-8 text files (split into documents by the separator) or canonical
 document count (and the character set for char-level). Documents are then assigned to splits by a seeded
 permutation, so the split is by document and reproducible. Pass 2 trains the tokenizer on the train
 documents only (or loads one); pass 3 encodes in batches (in worker processes through the word-cache
-encoder, pocketlm/fastbpe.py) and appends to the shards: [start token] document <end-of-text>. Memory holds
+encoder, pocketlm/fastbpe.py; with text files each worker reads its own byte range, cut between documents)
+and appends to the shards: [start token] document <end-of-text>. Memory holds
 a few batches of documents and one byte per document. The dataset folder is built under a temp name and
 renamed into place when complete.
 """
