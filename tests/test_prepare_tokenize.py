@@ -1,5 +1,6 @@
 """prepare with JSONL records, a start token, a reused tokenizer, and parallel encoding."""
 
+import functools
 import json
 from pathlib import Path
 
@@ -83,20 +84,34 @@ def test_file_ranges_hold_whole_documents(tmp_path: Path, separator: str) -> Non
     whole = list(iter_documents(path, separator))
     for size in range(1, 40):
         ranges = list(document_ranges(path, separator, size))
-        assert ranges[0][0] == 0 and ranges[-1][1] == path.stat().st_size
+        assert ranges[0][0] == 0 and ranges[-1][1] in (path.stat().st_size, None)
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
-        assert [d for a, b in ranges for d in read_range(path, a, b, separator)] == whole
+        assert _documents_of(path, separator, ranges) == whole
+    # lone CR line breaks: no cut anywhere, so past the first range the rest is read as a stream
+    path.write_bytes((TRICKY + TRICKY.replace("\n", "\r") * 7 + "\n\n" + TRICKY).encode("utf-8"))
+    ranges = list(document_ranges(path, separator, 8, most=2))
+    assert len(ranges) > 1 and ranges[-1][1] is None
+    assert _documents_of(path, separator, ranges) == list(iter_documents(path, separator))
+
+
+def _documents_of(path: Path, separator: str, ranges: list[tuple[int, int | None]]) -> list[str]:
+    return [d for a, b in ranges for d in (read_range(path, a, b, separator) if b is not None
+                                             else iter_documents(path, separator, a))]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["jsonl", "txt"])
+@pytest.mark.parametrize("kind", ["jsonl", "txt", "cr"])
 def test_parallel_encoding_writes_the_same_shards(tmp_path: Path, monkeypatch, kind: str) -> None:
     docs = [f"{d} number {i}" for i in range(400) for d in DOCS]
     if kind == "jsonl":  # the parent reads the documents and sends them to the workers
         src = write_jsonl(tmp_path / "c.jsonl", docs)
-    else:  # each worker reads its own byte range of the file
+    else:  # each worker reads its own byte range of the file ("cr": until no cut is in sight)
         src = tmp_path / "c.txt"
-        src.write_text("\n\n".join(docs) + TRICKY, encoding="utf-8")
+        text = "\n\n".join(docs) + TRICKY
+        if kind == "cr":
+            text = text[:len(text) // 2] + text[len(text) // 2:].replace("\n", "\r")
+        src.write_text(text, encoding="utf-8", newline="")
+        monkeypatch.setattr(preplib, "document_ranges", functools.partial(document_ranges, most=2))
     cfg = dict(tokenizer="bpe", vocab_size=320, start_token="<|s|>", val_fraction=0.2)
     prepare([src], tmp_path / "one", DataConfig(**cfg, workers=1), verbose=False)
     monkeypatch.setattr(preplib, "PARALLEL_BYTES", 0)

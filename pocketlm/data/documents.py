@@ -73,16 +73,19 @@ def file_sha256(path: Path) -> str:
 CUTS = {"blank-line": re.compile(rb"\n[ \t]*\r?\n"), "line": re.compile(rb"\n")}
 
 
-def document_ranges(path: Path, separator: str, size: int) -> Iterator[tuple[int, int]]:
+def document_ranges(path: Path, separator: str, size: int, most: int = 16) -> Iterator[tuple[int, int | None]]:
     """Byte ranges of about `size` bytes that together cover the file and each hold whole documents, so
-    `read_range` over them yields exactly `iter_documents` (separators in CUTS only)."""
+    `read_range` over them yields exactly `iter_documents` (separators in CUTS only). Where no cut comes
+    within `most` x `size` bytes (a file with lone CR line breaks, say), the last range is (start, None):
+    the rest of the file, to be read as a stream (`iter_documents(path, separator, start)`) so that memory
+    does not grow with it."""
     cut = CUTS[separator]
     total = Path(path).stat().st_size
     with open(path, "rb") as f:
         start = 0
         while start < total:
             end, at = total, start + size
-            while at < total:
+            while at < total and at <= start + most * size:
                 f.seek(at)
                 window = f.read(1 << 16)
                 m = cut.search(window)
@@ -90,6 +93,9 @@ def document_ranges(path: Path, separator: str, size: int) -> Iterator[tuple[int
                     end = at + m.end()
                     break
                 at += max(1, len(window) - 1)  # a cut may start at the window's last byte
+            if end - start > most * size:
+                yield start, None
+                return
             yield start, end
             start = end
 
@@ -102,10 +108,11 @@ def read_range(path: Path, start: int, end: int, separator: str) -> list[str]:
     return list(_split(io.StringIO(text, newline=""), separator))
 
 
-def iter_documents(path: Path, separator: str) -> Iterator[str]:
-    """Documents of one file, stripped of the separator; empty documents are skipped."""
-    with open(path, encoding="utf-8", newline="") as f:
-        yield from _split(f, separator)
+def iter_documents(path: Path, separator: str, start: int = 0) -> Iterator[str]:
+    """Documents of one file (from byte `start`, a cut), stripped of the separator; empty ones are skipped."""
+    with open(path, "rb") as raw:
+        raw.seek(start)
+        yield from _split(io.TextIOWrapper(raw, encoding="utf-8", newline=""), separator)
 
 
 def _split(f, separator: str) -> Iterator[str]:

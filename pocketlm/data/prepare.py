@@ -194,12 +194,18 @@ def prepare(inputs: list[str | Path], out: str | Path, cfg: DataConfig, val: lis
             # each worker reads and splits its own part of the file: no text through the pipes
             for src in sources:
                 for start, end in document_ranges(src.path, cfg.separator, BATCH_BYTES):
+                    if end is None:  # no cut in sight: send the rest of this file's documents in batches
+                        yield from in_batches(iter_documents(src.path, cfg.separator, start))
+                        break
                     sizes.append(end - start)
                     yield read_range, (src.path, start, end, cfg.separator)
             return
+        yield from in_batches(doc for _, doc in _documents(sources, cfg.separator))
+
+    def in_batches(docs: Iterator[str]) -> Iterator[list[str]]:
         batch: list[str] = []
         size = 0
-        for _, doc in _documents(sources, cfg.separator):
+        for doc in docs:
             batch.append(doc)
             size += len(doc)
             if size >= BATCH_BYTES:
@@ -209,6 +215,7 @@ def prepare(inputs: list[str | Path], out: str | Path, cfg: DataConfig, val: lis
         if batch:
             sizes.append(size)
             yield batch
+
     try:
         first = 0
         # documents are plain text: a special token's string in them was refused above
