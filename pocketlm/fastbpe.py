@@ -146,7 +146,7 @@ class WordCacheEncoder:
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(all ids, ids per text) of texts that are all `known`."""
-        if self.ascii_words is None:
+        if self.ascii_words is None or not texts:
             return self._encode_words(texts)
         fast = [t.isascii() and "\0" not in t for t in texts]
         if all(fast):
@@ -382,7 +382,7 @@ def keep_freed_memory() -> None:
         libc = ctypes.CDLL(None)
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks below it come from the heap
         libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD: free heap above it goes back to the OS
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no C library by that name, or no mallopt in it
         pass
 
 

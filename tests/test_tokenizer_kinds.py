@@ -279,6 +279,8 @@ def test_long_words_and_cache_resets_equal_the_library(bpes, monkeypatch) -> Non
     tok = bpes["byte-level"]
     texts = ["a" * n + " " + "b" * n + "\n" * n for n in (1, 7, 8, 9, 15, 16, 17, 40)] + [TEXT * 3, "", "x"]
     assert tok.encode_batch(texts, ordinary=True) == library_ids(tok, texts)
+    flat, per_text = tok.words.encode_flat([])
+    assert len(flat) == 0 and len(per_text) == 0
     monkeypatch.setattr(fastbpe, "MAX_WORDS", 12)  # the cache starts over in the middle of every batch
     fresh = fastbpe.WordCacheEncoder.for_tokenizer(tok.tk)
     words = [f"w{i} {'z' * (i % 20)} it's" for i in range(200)]
