@@ -161,6 +161,20 @@ def test_page_on_webgpu_generates_python_greedy_text(tmp_path: Path, npm_modules
         assert page.generate(PROMPT, max_new_tokens=20, temperature=0)[1]["token_ids"] == expected.token_ids[:20]
     finally:
         page.__exit__()
+    # --no-webgpu: no WebGPU runtime in the folder, and the page stays on WASM even where an adapter exists
+    lean = tmp_path / "lean"
+    report = exp.export(tmp_path / "ckpt", "web", lean, verbose=False, check_tokens=20, webgpu=False)
+    assert not (lean / "runtime" / "webgpu").exists() and report["webgpu_runtime_bytes"] == 0
+    assert "left out (--no-webgpu)" in "\n".join(web.summary(report))
+    page = webgpu_page(lean)
+    try:
+        page.open()
+        assert page.info["backend"] == "wasm", page.info
+        assert page.info["backendNote"] == "WASM: exported without WebGPU (--no-webgpu)"
+        assert page.generate(PROMPT, max_new_tokens=20, temperature=0)[1]["token_ids"] == expected.token_ids[:20]
+        assert not [u for u in page.requests if "/runtime/webgpu/" in u], page.requests
+    finally:
+        page.__exit__()
 
 
 @pytest.mark.slow

@@ -22,6 +22,9 @@ def register(subs: argparse._SubParsersAction) -> dict[str, Handler]:
     w.add_argument("--model-id", help="the model's name inside the page and its folder (default: the run's name)")
     w.add_argument("--title", help="the page title (default: the model id)")
     w.add_argument("--prompt", dest="default_prompt", help="the prompt the page starts with (default: the run's)")
+    w.add_argument("--no-webgpu", dest="webgpu", action="store_const", const=False,
+                   help="leave the WebGPU runtime out (27 MB on disk; its 25.5 MiB WASM file is over Cloudflare "
+                        "Pages' 25 MiB limit): the page always runs on WASM")
     w.add_argument("--npm-cache", help="where the pinned npm packages are installed once "
                                        "(default: ~/.cache/pocketlm/npm)")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -33,12 +36,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from pocketlm.errors import PocketLMError
 
-    options = {k: getattr(args, k) for k in ("model_id", "title", "default_prompt", "npm_cache")
+    options = {k: getattr(args, k) for k in ("model_id", "title", "default_prompt", "npm_cache", "webgpu")
                if getattr(args, k) is not None}
     if "default_prompt" in options:  # the same \n and \t escapes as `pocketlm generate --prompt`
         options["default_prompt"] = options["default_prompt"].replace("\\n", "\n").replace("\\t", "\t")
     if options and args.format != "web":
-        flag = "--" + next(iter(options)).replace("default_prompt", "prompt").replace("_", "-")
+        first = next(iter(options))
+        flag = "--" + {"default_prompt": "prompt", "webgpu": "no-webgpu"}.get(first, first).replace("_", "-")
         raise PocketLMError(f"{flag} is a web page option: use it with --format web")
     report = exp.export(args.model, args.format, args.out, quantize=args.quantize, overwrite=args.overwrite,
                         **options)

@@ -91,12 +91,15 @@ def npm_install(pins: dict[str, str], cache: str | Path | None = None, verbose: 
     return dest / "node_modules"
 
 
-def copy_runtime(modules: Path, dst: Path) -> None:
-    """The runtime files, and NOTICE.txt naming each package, its version and licence (+ its LICENSE file)."""
+def copy_runtime(modules: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
+    """The runtime files (but the folders in `skip`), and NOTICE.txt naming each package, its version and
+    licence (+ its LICENSE file)."""
     notice = []
     for pkg, folders in RUNTIME_FILES.items():
         copied = []
         for sub, files in folders.items():
+            if sub in skip:
+                continue
             (dst / sub).mkdir(parents=True, exist_ok=True)
             for f in files:
                 src = modules / pkg / f
@@ -139,7 +142,7 @@ def _default_prompt(folder: Path) -> str:
 
 def build(folder: Path, out: Path, quantize: str | None, model_id: str | None = None, title: str | None = None,
           default_prompt: str | None = None, npm_cache: str | None = None, verbose: bool = True,
-          check_tokens: int = 200) -> dict[str, Any]:
+          check_tokens: int = 200, webgpu: bool = True) -> dict[str, Any]:
     from pocketlm.export import onnx as ox
 
     model_id = model_id or (folder.parent.name if folder.name in ("best", "last") else folder.name)
@@ -148,7 +151,8 @@ def build(folder: Path, out: Path, quantize: str | None, model_id: str | None = 
     modules = npm_install(NPM_PINS, npm_cache, verbose)  # first: a missing npm fails before any slow work
     model_dir = out / "models" / model_id
     report = ox.build(folder, model_dir, quantize, verbose, keep_fp32=False, check_tokens=check_tokens)
-    copy_runtime(modules, out / "runtime")
+    # without WebGPU the folder is 27 MB smaller and no file exceeds 25 MiB (Cloudflare Pages' per-file limit)
+    copy_runtime(modules, out / "runtime", skip=() if webgpu else ("webgpu",))
     dtype = ox.JS_DTYPES[quantize]
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     gen = json.loads((folder / "generation_config.json").read_text(encoding="utf-8")) \
@@ -164,7 +168,7 @@ def build(folder: Path, out: Path, quantize: str | None, model_id: str | None = 
             "context_length": int(cfg.get("n_positions") or cfg.get("max_position_embeddings")),
             "eos_token_id": gen.get("eos_token_id", cfg.get("eos_token_id")),
             "kv_heads": past.shape[1], "head_dim": past.shape[3],
-            "kv_dtype": "float16" if session.dtype.__name__ == "float16" else "float32",
+            "kv_dtype": "float16" if session.dtype.__name__ == "float16" else "float32", "webgpu": webgpu,
             "sampling": {"temperature": gen.get("temperature", 0.8), "top_k": gen.get("top_k", 0) or 0,
                          "top_p": gen.get("top_p", 1.0), "max_new_tokens": gen.get("max_new_tokens", 200)},
         },
@@ -203,14 +207,16 @@ def summary(report: dict[str, Any]) -> list[str]:
     from pocketlm.export import onnx as ox
 
     m = common.mb
+    webgpu = report["webgpu_runtime_bytes"] > 0
     return ox.summary(report) + [
         f"  model    {m(report['model_bytes']):>10}  ({m(report['model_gzip_bytes'])} gzipped)",
         f"  runtime  {m(report['runtime_bytes']):>10}  ({m(report['runtime_gzip_bytes'])} gzipped): "
         + ", ".join(f"{k} {v}" for k, v in report["npm"].items()),
         f"  webgpu   {m(report['webgpu_runtime_bytes']):>10}  ({m(report['webgpu_runtime_gzip_bytes'])} gzipped): "
-        "fetched instead of runtime/wasm/ only when the page runs on WebGPU",
+        "fetched instead of runtime/wasm/ only when the page runs on WebGPU" if webgpu else
+        "  webgpu   left out (--no-webgpu): the page runs on WASM",
         f"  page     {m(report['page_bytes']):>10}",
         f"  total    {m(report['total_bytes']):>10}  on disk; a visitor transfers {m(report['gzip_bytes'])} gzipped "
-        f"(WASM) or {m(report['webgpu_gzip_bytes'])} (WebGPU)",
+        + (f"(WASM) or {m(report['webgpu_gzip_bytes'])} (WebGPU)" if webgpu else "(WASM)"),
         f"serve it from any static host, e.g.  python -m http.server -d {report['out']} 8080",
     ]

@@ -103,6 +103,7 @@ export async function chooseBackend(requested = "auto", model = {}) {
     throw new Error(`pocketlm: unknown backend ${JSON.stringify(requested)}: use one of ${BACKENDS.join(", ")}`);
   }
   if (requested === "wasm") return { backend: "wasm", note: "WASM (asked for)" };
+  if (model.webgpu === false) return { backend: "wasm", note: "WASM: exported without WebGPU (--no-webgpu)" };
   let adapter = null, why = "the browser offers no WebGPU adapter";
   if (typeof navigator === "undefined" || !navigator.gpu) {
     why = "this browser has no WebGPU";
