@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,15 +41,8 @@ def pocketlm_budget(text: Path, work: Path, recipe: Path, budget_s: float, quiet
     from pocketlm.data.prepare import Dataset
 
     work.mkdir(parents=True, exist_ok=True)
-    raw = text.read_text(encoding="utf-8")
-    cut = int(len(raw) * 0.9)
-    (work / "train.txt").write_text(raw[:cut], encoding="utf-8")
-    (work / "val.txt").write_text(raw[cut:], encoding="utf-8")
-    data, run = work / "data", work / "run"
-    cli = [sys.executable, "-m", "pocketlm"]
-    core.timed_run([*cli, "prepare", "train.txt", "--val", "val.txt", "--out", str(data), "--tokenizer", "char",
-                    "--separator", "file", "--quiet"], work, work / "prepare.log")
-    cmd = [*cli, "train", str(data), "--out", str(run), "--config", str(recipe),
+    data, run = core.pocketlm_data(text, work), work / "run"
+    cmd = [sys.executable, "-m", "pocketlm", "train", str(data), "--out", str(run), "--config", str(recipe),
            "--time-budget", f"{max(1, int(budget_s))}s", "--no-sample"]
     busy = core.wait_for_quiet(quiet_s)
     proc = core.timed_run(cmd, work, work / "train.log")
@@ -147,9 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             core.emit({"bench": "budget", "budget_s": args.budget,
                        "delta_full_val_loss": round(pl["full_val_loss_best_ckpt"] - ng["full_val_loss_best_ckpt"], 4)})
     finally:
-        if args.keep:
-            shutil.copytree(work, args.keep, dirs_exist_ok=True, symlinks=True)
-        shutil.rmtree(work, ignore_errors=True)
+        core.finish(work, args.keep)
     return 0
 
 

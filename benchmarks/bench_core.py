@@ -160,19 +160,32 @@ def run_nanogpt(nanogpt: Path, text: Path, work: Path, steps: int, eval_interval
 
 # ---- pocketlm -----------------------------------------------------------------------------------------
 
+def pocketlm_data(text: Path, work: Path) -> Path:
+    """`pocketlm prepare` of `text` split as nanoGPT splits it (first 90% of characters train, the rest val)."""
+    raw = text.read_text(encoding="utf-8")
+    cut = int(len(raw) * 0.9)
+    (work / "train.txt").write_text(raw[:cut], encoding="utf-8")
+    (work / "val.txt").write_text(raw[cut:], encoding="utf-8")
+    data = work / "pocketlm_data"
+    timed_run([sys.executable, "-m", "pocketlm", "prepare", "train.txt", "--val", "val.txt", "--out", str(data),
+               "--tokenizer", "char", "--separator", "file", "--quiet"], work, work / "pocketlm_prepare.log")
+    return data
+
+
+def finish(work: Path, keep: Path | None) -> None:
+    """Remove the work folder, copying it to `keep` first when asked."""
+    if keep:
+        shutil.copytree(work, keep, dirs_exist_ok=True, symlinks=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def run_pocketlm(text: Path, work: Path, steps: int, eval_interval: int, quiet_s: float,
                  extra: tuple[str, ...] = ()) -> dict[str, Any]:
     from pocketlm.checkpoint import load_model
     from pocketlm.data.prepare import Dataset
 
-    raw = text.read_text(encoding="utf-8")
-    cut = int(len(raw) * 0.9)  # nanoGPT's split: first 90% of characters train, the rest val
-    (work / "train.txt").write_text(raw[:cut], encoding="utf-8")
-    (work / "val.txt").write_text(raw[cut:], encoding="utf-8")
-    data, run = work / "pocketlm_data", work / "pocketlm_run"
+    data, run = pocketlm_data(text, work), work / "pocketlm_run"
     cli = [sys.executable, "-m", "pocketlm"]
-    timed_run([*cli, "prepare", "train.txt", "--val", "val.txt", "--out", str(data), "--tokenizer", "char",
-               "--separator", "file", "--quiet"], work, work / "pocketlm_prepare.log")
     section = {"batch_size": "train"}  # the other shape keys are model.*
     shape = [a for k, v in MODEL_ARGS.items() for a in (f"--{section.get(k, 'model')}.{k}", str(v))]
     cmd = [*cli, "train", str(data), "--out", str(run), *shape, "--max-steps", str(steps), "--lr", "1e-3",
@@ -308,9 +321,7 @@ def main(argv: list[str] | None = None) -> int:
               "delta_full_val_loss": round(pl["full_val_loss_best_ckpt"] - ng["full_val_loss_best_ckpt"], 4)})
         bench_generation(work / f"round{args.rounds - 1}" / "pocketlm_run", repeats, args.wait_quiet)
     finally:
-        if args.keep:
-            shutil.copytree(work, args.keep, dirs_exist_ok=True, symlinks=True)
-        shutil.rmtree(work, ignore_errors=True)
+        finish(work, args.keep)
     return 0
 
 

@@ -142,16 +142,23 @@ def save_model(model: GPT, folder: Path, tokenizer_dir: Path | None, eot_id: int
         toklib.set_max_length(folder, model.config.block_size)
 
 
-def read_config(folder: Path) -> GPTConfig:
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    """A model folder's config.json as a dict, or a one-line error naming the problem."""
     file = folder / "config.json"
     if not file.is_file():
         raise PocketLMError(f"{folder} is not a model folder (no config.json): pass a run folder or checkpoint")
     try:
-        hf = json.loads(file.read_text())
-        if not isinstance(hf, dict):
-            raise ValueError
-    except ValueError:
-        raise PocketLMError(f"{file} is corrupt (not a JSON object)") from None
+        hf = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        hf = None
+    if not isinstance(hf, dict):
+        raise PocketLMError(f"{file} is corrupt (not a JSON object)")
+    return hf
+
+
+def read_config(folder: Path) -> GPTConfig:
+    """pocketlm's GPTConfig from a model folder pocketlm wrote (GPT-2 or Llama layout)."""
+    hf = read_hf_config(folder)
     pl = hf.get("pocketlm", {})
     if pl.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
         raise PocketLMError(f"{folder} was written by a newer pocketlm (format v{pl['format_version']}): upgrade")
@@ -160,8 +167,8 @@ def read_config(folder: Path) -> GPTConfig:
     try:
         _ = [int(hf[k]) for k in ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd")]
     except (ValueError, KeyError, TypeError):
-        raise PocketLMError(f"{file} is corrupt or not a GPT-2 config (needs vocab_size, n_positions, "
-                            "n_layer, n_head, n_embd)") from None
+        raise PocketLMError(f"{folder / 'config.json'} is corrupt or not a GPT-2 config (needs vocab_size, "
+                            "n_positions, n_layer, n_head, n_embd)") from None
     if hf.get("model_type") != "gpt2":
         raise PocketLMError(f"{folder} holds a {hf.get('model_type')!r} model; pocketlm's GPT loads GPT-2 and "
                             "Llama layouts")

@@ -189,13 +189,7 @@ def load_lm(path: str | Path, device: str = "auto") -> LM:
 
     dev, _ = pick_device(device)
     folder = ckpt.resolve(path)
-    cfg_file = folder / "config.json"
-    if not cfg_file.is_file():
-        raise PocketLMError(f"{folder} is not a model folder (no config.json): pass a run folder or checkpoint")
-    try:
-        hf = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except ValueError:
-        raise PocketLMError(f"{cfg_file} is not valid JSON") from None
+    hf = ckpt.read_hf_config(folder)
     tok = load_tokenizer(folder)
     if "pocketlm" in hf:
         model, folder = ckpt.load_model(folder, dev)

@@ -78,7 +78,8 @@ class Optimizer(torch.optim.Optimizer):
     `__init__` or its dynamo-wrapped methods. `state_dict` / `load_state_dict` use torch's layout (state keyed
     by parameter index, groups listing indices)."""
 
-    def __init__(self, groups: list[dict[str, Any]], defaults: dict[str, Any]) -> None:  # noqa: no super()
+    def __init__(self, groups: list[dict[str, Any]], defaults: dict[str, Any]) -> None:
+        # deliberately no super().__init__() (see the class docstring)
         self.defaults = defaults
         self.state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
         self.param_groups: list[dict[str, Any]] = []

@@ -35,9 +35,9 @@ from pocketlm import tokenizer as toklib
 from pocketlm.data.records import Problems, read_jsonl
 from pocketlm.device import Runtime
 from pocketlm.errors import PocketLMError
+from pocketlm.train import SPLIT_CODE
 
 METHODS = ("dpo", "kto")
-SPLIT_CODE = {"train": 0, "val": 1}
 
 
 def read_feedback(path: str | Path, problems: Problems | None = None) -> tuple[list[tuple[str, str, str]],

@@ -111,7 +111,20 @@ class Scratch:
         return ckpt.load_model(folder, "cpu")[0].state_dict()
 
 
-class LMTask:
+class NextTokenTask:
+    """Loss and logits of (inputs, targets) batches, targets -100 where not scored: what pretraining and SFT
+    share (they differ only in how a batch is drawn)."""
+
+    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return model(x, y)[1]
+
+    def logits(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        x, y = batch
+        return model(x)[0], y
+
+
+class LMTask(NextTokenTask):
     """Next-token prediction on a prepared dataset: random windows of block_size + 1 tokens."""
 
     def __init__(self, dataset: Dataset, block_size: int) -> None:
@@ -143,14 +156,6 @@ class LMTask:
         else:
             t = t.to(device)
         return t[:, :-1], t[:, 1:]
-
-    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
-        return model(x, y)[1]
-
-    def logits(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        x, y = batch
-        return model(x)[0], y
 
 
 @dataclass

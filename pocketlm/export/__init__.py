@@ -7,7 +7,6 @@ the exporter cannot handle, writing the output folder atomically and measuring w
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -27,14 +26,8 @@ MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
 def model_folder(path: str | Path) -> Path:
     """A run folder (its best/) or checkpoint folder holding a supported model, config and tokenizer."""
     folder = ckpt.resolve(path)
-    file = folder / "config.json"
-    if not file.is_file():
-        raise PocketLMError(f"{folder} is not a model folder (no config.json): pass a run folder or checkpoint")
-    try:
-        cfg = json.loads(file.read_text(encoding="utf-8"))
-        arch = (cfg.get("architectures") or [None])[0]
-    except (ValueError, AttributeError, TypeError):
-        raise PocketLMError(f"{file} is corrupt: it is not a JSON object") from None
+    cfg = ckpt.read_hf_config(folder)
+    arch = (cfg.get("architectures") or [None])[0]
     if arch not in SUPPORTED:
         raise PocketLMError(f"{folder} holds a {arch or cfg.get('model_type') or 'unknown'} model; pocketlm export "
                             f"supports {' and '.join(SUPPORTED)} (decoder-only models with a KV cache)")

@@ -23,13 +23,13 @@ import torch
 
 from pocketlm.device import Runtime
 from pocketlm.errors import PocketLMError
+from pocketlm.train import SPLIT_CODE, NextTokenTask
 
 ROLES = ("system", "user", "assistant")
 TURN_START, TURN_END = "<|im_start|>", "<|im_end|>"
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
           "{% endif %}")
-SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 
 
 def read_examples(path: str | Path) -> list[list[dict[str, str]]]:
@@ -151,8 +151,9 @@ def split_examples(n: int, val_fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
-class SFTTask:
-    """Packed conversation rows; a batch is rows drawn by (seed, split, step), so resume stays exact."""
+class SFTTask(NextTokenTask):
+    """Packed conversation rows; a batch is rows drawn by (seed, split, step), so resume stays exact.
+    Evaluation's per-token metrics cover the assistant tokens only (labels are -100 elsewhere)."""
 
     dataset = None
 
@@ -180,12 +181,3 @@ class SFTTask:
         x = torch.from_numpy(ids[mine, :-1]).to(device)
         y = torch.from_numpy(labels[mine, 1:]).to(device)
         return x, y
-
-    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x, y = batch
-        return model(x, y)[1]
-
-    def logits(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """For evaluation: per-token metrics over the assistant tokens (the rest is -100)."""
-        x, y = batch
-        return model(x)[0], y
