@@ -10,8 +10,9 @@ from the same invocation.
 - train: ms per optimizer step (forward, backward, clip, AdamW) of nanoGPT's model with its own
   `configure_optimizers` and of pocketlm's model and optimizer, on the identical model and batch, for
   nanoGPT's CPU configuration (4 x 128, context 64, batch 12) and a 6 x 384, context-256 one; MFU against
-  the matmul peak measured in the same run. `--levers` adds pocketlm variants (fused AdamW, torch.compile,
-  Muon for the blocks' matrices).
+  the matmul peak measured in the same run for the dtype each runs its matmuls in (pocketlm picks bf16
+  autocast on a CPU with bf16 units, see `pocketlm.device.cpu_dtype`). `--levers` adds pocketlm variants
+  (float32 without autocast, torch.compile, Muon for the blocks' matrices).
 
     python benchmarks/bench_speed.py [--nanogpt ../nanoGPT] [--rounds 5] [--only generate|train] [--levers]
 """
@@ -129,27 +130,31 @@ def nanogpt_step(nanogpt: Path, shape: tuple[int, ...]) -> tuple[Callable[[], No
 
 
 def pocketlm_step(shape: tuple[int, ...], lever: str = "") -> tuple[Callable[[], None], int]:
+    """What `pocketlm train` runs on this CPU: its dtype choice (bf16 autocast where bf16 matmuls measure
+    1.5x fp32's and the model is wide enough), its optimizer. Levers: fp32 (autocast off), compile, muon."""
     from pocketlm import config, optim
+    from pocketlm.device import cpu_dtype
     from pocketlm.model import GPT, GPTConfig
 
     L, H, C, T, B = shape
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=65, block_size=T, n_layer=L, n_head=H, n_embd=C, bias=False))
+    dtype = torch.float32 if lever == "fp32" else cpu_dtype(C)[0]
     t = config.TrainConfig(optimizer="muon" if lever == "muon" else "adamw")
-    opt = optim.build(m, t, on_cuda=False)  # what `pocketlm train` builds on CPU
-    if lever == "fused":
-        opt = torch.optim.AdamW(optim.param_groups(m, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
+    opt = optim.build(m, t, low_precision=dtype != torch.float32)
     fwd = torch.compile(m) if lever == "compile" else m
-    return _step(fwd, m, opt, T, B), m.num_params()
+    return _step(fwd, m, opt, T, B, dtype), m.num_params()
 
 
-def _step(fwd: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer, T: int, B: int
-          ) -> Callable[[], None]:
+def _step(fwd: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer, T: int, B: int,
+          dtype: torch.dtype = torch.float32) -> Callable[[], None]:
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 65, (B, T), generator=g), torch.randint(0, 65, (B, T), generator=g)
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
 
     def step() -> None:
-        _, loss = fwd(x, y)
+        with autocast:
+            _, loss = fwd(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -158,6 +163,7 @@ def _step(fwd: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimiz
 
 
 def bench_train(name: str, nanogpt: Path, rounds: int, levers: bool) -> None:
+    from pocketlm.device import cpu_dtype
     from pocketlm.track import measure_matmul_tflops, peak_flops
 
     shape = TRAIN_MODELS[name]
@@ -168,24 +174,31 @@ def bench_train(name: str, nanogpt: Path, rounds: int, levers: bool) -> None:
     fns["nanogpt"] = ng
     fns["pocketlm"], _ = pocketlm_step(shape)
     if levers:
-        fns["pocketlm_fused_adamw"], _ = pocketlm_step(shape, "fused")
+        fns["pocketlm_fp32"], _ = pocketlm_step(shape, "fp32")
         fns["pocketlm_compile"], _ = pocketlm_step(shape, "compile")
         fns["pocketlm_muon"], _ = pocketlm_step(shape, "muon")
     calls = {k: (lambda f=f: [f() for _ in range(steps_per_call)]) for k, f in fns.items()}
     t0 = time.perf_counter()
     res = race(calls, rounds, warmup=2)
-    # the peak in this run, best of 2048^2 products over 2 s (a short figure under load would inflate MFU)
-    peak = max(measure_matmul_tflops(torch.device("cpu"), n=2048, seconds=2.0),
-               peak_flops(torch.device("cpu"), torch.float32, 0.0)[0] / 1e12) * 1e12
+    # the peaks in this run, best of 2048^2 products over 2 s (a short figure under load would inflate MFU)
+    cpu = torch.device("cpu")
+    peaks = {dt: max(measure_matmul_tflops(cpu, dt, n=2048, seconds=2.0), peak_flops(cpu, dt, 0.0)[0] / 1e12) * 1e12
+             for dt in (torch.float32, torch.bfloat16)}
+    ours = cpu_dtype(C)[0]
     flops_per_token = 6 * n_params + 12 * L * T * C  # PaLM's estimate, as the training log uses
     common = {"bench": "train", "model": name, "shape": dict(n_layer=L, n_head=H, n_embd=C, block_size=T,
               batch_size=B), "threads": torch.get_num_threads(), "rounds": rounds,
-              "matmul_peak_gflops": round(peak / 1e9, 1), "wall_s": round(time.perf_counter() - t0, 1)}
+              "matmul_peak_gflops": round(peaks[torch.float32] / 1e9, 1),
+              "bf16_matmul_peak_gflops": round(peaks[torch.bfloat16] / 1e9, 1),
+              "wall_s": round(time.perf_counter() - t0, 1)}
     for impl in fns:
         ms = res[impl] / steps_per_call * 1000
         tps = B * T / ms * 1000
+        dtype = torch.float32 if impl in ("nanogpt", "pocketlm_fp32") else ours
         emit({**common, "impl": impl, "ms_per_step": round(ms, 2), "tokens_per_s": round(tps),
-              "mfu": round(tps * flops_per_token / peak, 3),
+              "matmul_dtype": str(dtype).removeprefix("torch."),
+              "mfu": round(tps * flops_per_token / peaks[dtype], 3),  # against the peak of its own dtype
+              "mfu_vs_fp32_peak": round(tps * flops_per_token / peaks[torch.float32], 3),
               "spread_ms": [round(s / steps_per_call * 1000, 2) for s in res[f"{impl}_spread"]]})
     emit({**common, **{f"ratio_tokens_per_s_{impl}": round(res["nanogpt"] / res[impl], 3)
                        for impl in fns if impl != "nanogpt"}})
@@ -197,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per figure (default: 5)")
     ap.add_argument("--only", choices=["generate", "train"], help="one half only")
     ap.add_argument("--models", help="comma-separated subset of " + ", ".join([*GEN_MODELS, *TRAIN_MODELS]))
-    ap.add_argument("--levers", action="store_true", help="also time pocketlm with fused AdamW and torch.compile")
+    ap.add_argument("--levers", action="store_true",
+                    help="also time pocketlm in float32, with torch.compile and with Muon")
     args = ap.parse_args(argv)
     chosen = set(args.models.split(",")) if args.models else None
     emit({"bench": "machine", "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),

@@ -25,7 +25,13 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    reason: str = ""
+    device_reason: str = ""
+    dtype_reason: str = ""
+
+    @property
+    def reason(self) -> str:
+        out = f"device {self.device} ({self.device_reason}); {self.dtype_reason}"
+        return out + (f"; rank {self.rank}/{self.world_size}" if self.distributed else "")
 
     @property
     def is_main(self) -> bool:
@@ -67,13 +73,34 @@ def pick_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
             if torch.cuda.is_bf16_supported():
                 return torch.bfloat16, "bf16 autocast: the GPU supports it"
             return torch.float16, "fp16 autocast with loss scaling: the GPU has no bf16"
-        return torch.float32, f"float32: autocast on {device.type} is slower than fp32 without bf16 units"
+        return torch.float32, "float32"  # on CPU, `cpu_dtype` may pick bf16 once the model's width is known
     dtype = DTYPES[requested]
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise PocketLMError("bfloat16 was asked for but this GPU does not support it; use --train.dtype float16")
     if dtype == torch.float16 and device.type == "cpu":
         raise PocketLMError("float16 autocast is not supported on CPU; use --train.dtype float32 or bfloat16")
     return dtype, "requested"
+
+
+# Measured on a 2-core AMD EPYC with avx512_bf16 (docs/benchmarks.md): whole training steps under bf16 autocast
+# ran 0.6-0.9x fp32's speed at 32-64 wide (the casts cost more than the matmuls gain), 1.4x at 128, 1.7-1.9x
+# at 256-384. A CPU without bf16 units emulates them, ~4x slower than fp32, so the decision is measured.
+CPU_BF16_MIN_WIDTH = 128
+CPU_BF16_MIN_GAIN = 1.5
+
+
+def cpu_dtype(n_embd: int) -> tuple[torch.dtype, str]:
+    """--train.dtype auto on CPU: bf16 autocast when the model is wide enough for its matmuls to dominate
+    and this CPU's bf16 matmuls measure at least 1.5x its fp32 ones (native bf16 units); else float32."""
+    if n_embd < CPU_BF16_MIN_WIDTH:
+        return torch.float32, f"float32: at {n_embd} wide bf16 autocast's casts cost more than its matmuls gain"
+    from pocketlm.track import peak_flops
+
+    cpu = torch.device("cpu")
+    gain = peak_flops(cpu, torch.bfloat16)[0] / peak_flops(cpu, torch.float32)[0]
+    if gain >= CPU_BF16_MIN_GAIN:
+        return torch.bfloat16, f"bf16 autocast: bf16 matmuls measure {gain:.1f}x fp32's on this CPU"
+    return torch.float32, f"float32: bf16 matmuls measure {gain:.1f}x fp32's on this CPU (no bf16 units)"
 
 
 def setup(device: str = "auto", dtype: str = "auto", threads: int = 0) -> Runtime:
@@ -100,10 +127,7 @@ def setup(device: str = "auto", dtype: str = "auto", threads: int = 0) -> Runtim
                                     rank=rank, world_size=world)
         else:
             dist.init_process_group(backend=backend)
-    reason = f"device {dev} ({why_dev}); {why_dt}"
-    if world > 1:
-        reason += f"; rank {rank}/{world}"
-    return Runtime(dev, dt, rank, local_rank, world, reason)
+    return Runtime(dev, dt, rank, local_rank, world, why_dev, why_dt)
 
 
 def teardown() -> None:

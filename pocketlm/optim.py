@@ -6,8 +6,8 @@ by parameter name) treat them alike. The loop sets each group's learning rate to
 the group's `lr_scale`: Muon's matrices run at `muon_lr`, the rest at `lr`.
 
 On CPU they do not run `torch.optim.Optimizer`'s code: its `add_param_group` imports torch._dynamo on first
-use, 70 MB resident and ~1.5 s of start-up, a fifth of a small model's whole training peak. AdamW here is
-torch's multi-tensor algorithm, op for op; on CUDA, where that cost is nothing, torch's fused AdamW runs.
+use, 70 MB resident and ~1.5 s of start-up, a fifth of a small model's whole training peak. AdamW's update
+is torch's fused kernel (`torch._fused_adamw_`, what `torch.optim.AdamW(fused=True)` runs) on every device.
 """
 
 from __future__ import annotations
@@ -31,12 +31,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def build(model: torch.nn.Module, t: Any, on_cuda: bool) -> Optimizer | torch.optim.Optimizer:
-    """The optimizer `t` (the train config) asks for."""
+def build(model: torch.nn.Module, t: Any, low_precision: bool = False) -> Optimizer:
+    """The optimizer `t` (the train config) asks for. `low_precision`: the run's matmuls are bf16 (autocast), so
+    Muon's Newton-Schulz iterations are too (they are ~2x faster where bf16 units exist, as on CUDA)."""
     if t.optimizer == "adamw":
-        if on_cuda:  # torch's fused kernels
-            return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                                     fused=True)
         return AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
     if t.optimizer != "muon":
         raise PocketLMError(f"unknown train.optimizer {t.optimizer!r}: use {' or '.join(OPTIMIZERS)}")
@@ -52,16 +50,17 @@ def build(model: torch.nn.Module, t: Any, on_cuda: bool) -> Optimizer | torch.op
         {"params": embed, "muon": False, "lr_scale": 1.0, "weight_decay": t.weight_decay},
         {"params": flat, "muon": False, "lr_scale": 1.0, "weight_decay": 0.0},
     ]
-    return Muon([g for g in groups if g["params"]], lr=t.lr, betas=(t.beta1, t.beta2), momentum=t.muon_momentum)
+    return Muon([g for g in groups if g["params"]], lr=t.lr, betas=(t.beta1, t.beta2), momentum=t.muon_momentum,
+                ns_dtype=torch.bfloat16 if low_precision else torch.float32)
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The nearest semi-orthogonal matrix to g (or to each matrix of a stack (k, m, n)), approximately:
     Newton-Schulz with the quintic coefficients of the Muon reference (Keller Jordan, 2024), which trade
-    exactness (singular values land in ~[0.7, 1.2]) for speed. On CUDA it runs in bf16; on CPU without bf16
-    units fp32 is faster."""
+    exactness (singular values land in ~[0.7, 1.2]) for speed. The reference runs them in bf16; on a CPU
+    without bf16 units fp32 is faster (`dtype`)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16() if g.is_cuda else g.float()
+    x = g.to(dtype)
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
@@ -122,30 +121,24 @@ class Optimizer(torch.optim.Optimizer):
                              if isinstance(v, torch.Tensor) else v for k, v in st.items()}
 
     def _adamw(self, group: dict[str, Any]) -> None:
-        """torch.optim.AdamW's multi-tensor step (decoupled weight decay, bias-corrected moments)."""
+        """torch.optim.AdamW's step (decoupled weight decay, bias-corrected moments) through torch's fused
+        kernel: on CPU the multi-tensor (foreach) ops loop over tensors, ~8 ops per parameter, while the fused
+        kernel updates each parameter in one pass (the same figures as `torch.optim.AdamW(fused=True)`)."""
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
         for p in params:
             if not self.state[p]:
-                self.state[p].update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(p),
-                                     exp_avg_sq=torch.zeros_like(p))
+                self.state[p].update(step=torch.zeros((), dtype=torch.float32, device=p.device),
+                                     exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
         states = [self.state[p] for p in params]
-        grads = [p.grad for p in params]
-        m, v = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
-        torch._foreach_add_([st["step"] for st in states], 1)
-        n = states[0]["step"].item()  # every parameter of a group steps together
-        if wd:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_lerp_(m, grads, 1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, grads, grads, 1 - beta2)
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, (1 - beta2 ** n) ** 0.5)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(params, m, denom, -lr / (1 - beta1 ** n))
+        steps = [st["step"] for st in states]
+        torch._foreach_add_(steps, 1)
+        torch._fused_adamw_(params, [p.grad for p in params], [st["exp_avg"] for st in states],
+                            [st["exp_avg_sq"] for st in states], [], steps, amsgrad=False, lr=group["lr"],
+                            beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+                            maximize=False)
 
 
 class AdamW(Optimizer):
@@ -167,9 +160,10 @@ class Muon(Optimizer):
     """
 
     def __init__(self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float] = (0.9, 0.99),
-                 momentum: float = 0.95, eps: float = 1e-8) -> None:
+                 momentum: float = 0.95, eps: float = 1e-8, ns_dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, eps=eps, weight_decay=0.0,
                                       muon=False, lr_scale=1.0))
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
@@ -197,7 +191,7 @@ class Muon(Optimizer):
                 bufs.append(self.state[p]["momentum_buffer"])
             torch._foreach_lerp_(bufs, grads, 1 - mom)
             nesterov = torch.stack(torch._foreach_lerp(grads, bufs, mom))  # g + mom * (m - g)
-            update = orthogonalize(nesterov) * max(1.0, shape[0] / shape[1]) ** 0.5
+            update = orthogonalize(nesterov, dtype=self.ns_dtype) * max(1.0, shape[0] / shape[1]) ** 0.5
             if wd:
                 torch._foreach_mul_(params, 1 - lr * wd)
             torch._foreach_add_(params, list(update.unbind(0)), alpha=-lr)

@@ -86,7 +86,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: floa
     # Every run measures again briefly and the cache keeps the best figure this machine has shown: a figure
     # taken while other processes held the cores (too low, so MFU above 100%) is replaced by the next run.
     seen = cached.get(key) if isinstance(cached.get(key), (int, float)) else 0.0
-    now = measure_matmul_tflops(device, dtype if device.type != "cpu" else torch.float32)
+    now = measure_matmul_tflops(device, dtype)  # autocast runs the matmuls in its dtype: bf16 peak for bf16
     if now > seen:
         cached[key] = now
         try:

@@ -37,7 +37,7 @@ from pocketlm import optim, parallel
 from pocketlm import track
 from pocketlm.config import Config
 from pocketlm.data.prepare import Dataset
-from pocketlm.device import Runtime, setup, teardown
+from pocketlm.device import Runtime, cpu_dtype, setup, teardown
 from pocketlm.errors import PocketLMError
 from pocketlm.model import GPT, GPTConfig
 from pocketlm.optim import param_groups  # noqa: F401 - re-exported for the stages that build their own
@@ -260,8 +260,11 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.source = source or Scratch(cfg, self.dataset)
         self.model = self.source.build().to(self.rt.device)
+        if t.dtype == "auto" and self.rt.device.type == "cpu" and hasattr(self.model, "config"):
+            self.rt.dtype, self.rt.dtype_reason = cpu_dtype(self.model.config.n_embd)
         parallel.shard(self.model, self.rt, t.strategy)
-        self.optimizer = optim.build(self.model, t, on_cuda=self.rt.device.type == "cuda")
+        self.optimizer = optim.build(self.model, t, low_precision=self.rt.dtype != torch.float32 or
+                                     self.rt.device.type == "cuda")
         # only now, with everything built and checked, is an old run cleared (--overwrite)
         prepare_run_dir(self.out, resume, overwrite, write=self.rt.is_main)
         self._barrier()

@@ -113,6 +113,30 @@ def test_engine_decode_path_and_batch_agree_with_naive_reference() -> None:
         assert [int(t[0]) for t in engine.steps(ids, p)] == want
 
 
+def test_adamw_equals_torch_fused_adamw_and_reloads_its_state() -> None:
+    from pocketlm import optim
+
+    def run(make, steps: int = 4) -> tuple[GPT, object]:
+        m = tiny(bias=True).train()
+        opt = make(optim.param_groups(m, 0.1))
+        g = torch.Generator().manual_seed(1)
+        for _ in range(steps):
+            x = torch.randint(0, 37, (2, 12), generator=g)
+            m(x, x)[1].backward()
+            opt.step()
+            opt.zero_grad()
+        return m, opt
+
+    ours, opt = run(lambda groups: optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95)))
+    ref, _ = run(lambda groups: torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.95), fused=True))
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        assert torch.equal(a, b), name
+    # the state, saved and loaded into a fresh optimizer, continues as if uninterrupted
+    fresh = optim.AdamW(optim.param_groups(ours, 0.1), lr=1e-2, betas=(0.9, 0.95))
+    fresh.load_state_dict(opt.state_dict())
+    assert all(torch.equal(fresh.state[p]["exp_avg_sq"], opt.state[p]["exp_avg_sq"]) for p in ours.parameters())
+
+
 def _losses(state) -> list[float]:
     return [r["train/loss"] for r in state.history if "train/loss" in r]
 
@@ -170,7 +194,7 @@ def test_compiled_training_step_equals_eager() -> None:
     def run(compiled: bool) -> tuple[list[float], list[torch.Tensor]]:
         m = tiny(bias=False).train()
         fwd = torch.compile(m) if compiled else m
-        opt = optim.build(m, config.TrainConfig(), on_cuda=False)
+        opt = optim.build(m, config.TrainConfig())
         g = torch.Generator().manual_seed(1)
         losses = []
         for _ in range(3):
@@ -188,3 +212,51 @@ def test_compiled_training_step_equals_eager() -> None:
     assert compiled == pytest.approx(eager, abs=1e-5)
     for a, b in zip(g_compiled, g_eager):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_autocast_on_cpu_computes_what_fp32_does() -> None:
+    """Under bf16 autocast on CPU the matmuls run in bf16 and attention in fp32 (`model.attention`): the loss
+    and every gradient match the fp32 step to bf16 precision, and Muon's bf16 Newton-Schulz matches fp32's."""
+    from pocketlm import optim
+
+    for kw in (dict(bias=True), dict(LLAMA, bias=False)):
+        m = tiny(**kw).train()
+        x = torch.randint(0, 37, (3, 24), generator=torch.Generator().manual_seed(2))
+        fp32 = m(x, x)[1]
+        fp32.backward()
+        ref = {n: p.grad.clone() for n, p in m.named_parameters()}
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, loss = m(x, x)
+        loss.backward()
+        assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+        assert loss.item() == pytest.approx(fp32.item(), rel=1e-2)
+        for n, p in m.named_parameters():
+            assert p.grad.dtype == torch.float32
+            cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), ref[n].flatten(), dim=0)
+            assert cos > 0.99, (kw, n, cos)
+    g = torch.randn(4, 48, 16)
+    low, high = optim.orthogonalize(g, dtype=torch.bfloat16), optim.orthogonalize(g, dtype=torch.float32)
+    assert low.dtype == torch.float32 and (low - high).abs().max() < 0.05
+
+
+def test_cpu_dtype_follows_the_width_and_the_measured_bf16_gain(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                char_data: Path) -> None:
+    from pocketlm import device, track
+    from pocketlm.train import Trainer
+    from tests.conftest import tiny_config
+
+    assert device.cpu_dtype(64) == (torch.float32, "float32: at 64 wide bf16 autocast's casts cost more than "
+                                                   "its matmuls gain")
+    # the rule on measured figures: a CPU with bf16 units (2.2x) and one that emulates them (0.25x)
+    for gain, want in ((2.2, torch.bfloat16), (0.25, torch.float32)):
+        monkeypatch.setattr(track, "peak_flops", lambda dev, dt, configured=0.0, g=gain:
+                            ((g if dt == torch.bfloat16 else 1.0) * 1e11, "test"))
+        dtype, why = device.cpu_dtype(128)
+        assert dtype == want and f"{gain:.1f}x fp32's" in why
+        trainer = Trainer(tiny_config(char_data, tmp_path / str(gain), **{"model.n_embd": 128}), verbose=False)
+        assert trainer.rt.dtype == want and f"{gain:.1f}x" in trainer.rt.reason
+        assert trainer.optimizer.param_groups  # built after the decision
+    trainer = Trainer(tiny_config(char_data, tmp_path / "f32", **{"model.n_embd": 128, "train.dtype": "float32"}),
+                      verbose=False)
+    assert trainer.rt.dtype == torch.float32 and "requested" in trainer.rt.reason
