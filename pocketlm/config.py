@@ -85,7 +85,8 @@ class TrainConfig:
     log_interval: int = _f(10, "print and log training metrics every N steps")
     seed: int = _f(1337, "seed for initialisation, batches and dropout")
     device: str = _f("auto", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    dtype: str = _f("auto", "'auto', 'float32', 'bfloat16' or 'float16' (autocast; GPU only)")
+    dtype: str = _f("auto", "'auto', 'float32', 'bfloat16' or 'float16' (autocast; float16 on GPUs only). auto: "
+                    "bf16 on GPUs that have it, and on CPUs with bf16 units for models >= 128 wide")
     compile: bool = _f(False, "torch.compile the model (measure first: it helps most on GPUs)")
     optimizer: str = _f("adamw", "'adamw', or 'muon' (Muon for the blocks' matrices, AdamW for the rest)")
     muon_lr: float = _f(0.02, "Muon's peak learning rate (follows the same schedule as lr)")
