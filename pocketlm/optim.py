@@ -33,7 +33,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 def build(model: torch.nn.Module, t: Any, low_precision: bool = False) -> Optimizer:
     """The optimizer `t` (the train config) asks for. `low_precision`: the run's matmuls are bf16 (autocast), so
-    Muon's Newton-Schulz iterations are too (they are ~2x faster where bf16 units exist, as on CUDA)."""
+    Muon's Newton-Schulz iterations are too (they are ~2x faster where bf16 units exist); else they run in bf16
+    on CUDA and in fp32 elsewhere."""
     if t.optimizer == "adamw":
         return AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2))
     if t.optimizer != "muon":
@@ -51,7 +52,7 @@ def build(model: torch.nn.Module, t: Any, low_precision: bool = False) -> Optimi
         {"params": flat, "muon": False, "lr_scale": 1.0, "weight_decay": 0.0},
     ]
     return Muon([g for g in groups if g["params"]], lr=t.lr, betas=(t.beta1, t.beta2), momentum=t.muon_momentum,
-                ns_dtype=torch.bfloat16 if low_precision else torch.float32)
+                ns_dtype=torch.bfloat16 if low_precision else None)
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -132,13 +133,17 @@ class Optimizer(torch.optim.Optimizer):
             if not self.state[p]:
                 self.state[p].update(step=torch.zeros((), dtype=torch.float32, device=p.device),
                                      exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-        states = [self.state[p] for p in params]
-        steps = [st["step"] for st in states]
-        torch._foreach_add_(steps, 1)
-        torch._fused_adamw_(params, [p.grad for p in params], [st["exp_avg"] for st in states],
-                            [st["exp_avg_sq"] for st in states], [], steps, amsgrad=False, lr=group["lr"],
-                            beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
-                            maximize=False)
+        by_kind: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for p in params:  # one fused call per device and dtype, as torch.optim.AdamW groups them
+            by_kind.setdefault((p.device, p.dtype), []).append(p)
+        for ps in by_kind.values():
+            states = [self.state[p] for p in ps]
+            steps = [st["step"] for st in states]
+            torch._foreach_add_(steps, 1)
+            torch._fused_adamw_(ps, [p.grad for p in ps], [st["exp_avg"] for st in states],
+                                [st["exp_avg_sq"] for st in states], [], steps, amsgrad=False, lr=group["lr"],
+                                beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+                                maximize=False)
 
 
 class AdamW(Optimizer):
@@ -160,10 +165,10 @@ class Muon(Optimizer):
     """
 
     def __init__(self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float] = (0.9, 0.99),
-                 momentum: float = 0.95, eps: float = 1e-8, ns_dtype: torch.dtype = torch.bfloat16) -> None:
+                 momentum: float = 0.95, eps: float = 1e-8, ns_dtype: torch.dtype | None = None) -> None:
         super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, eps=eps, weight_decay=0.0,
                                       muon=False, lr_scale=1.0))
-        self.ns_dtype = ns_dtype
+        self.ns_dtype = ns_dtype  # None: bf16 on CUDA, fp32 elsewhere
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
@@ -191,7 +196,8 @@ class Muon(Optimizer):
                 bufs.append(self.state[p]["momentum_buffer"])
             torch._foreach_lerp_(bufs, grads, 1 - mom)
             nesterov = torch.stack(torch._foreach_lerp(grads, bufs, mom))  # g + mom * (m - g)
-            update = orthogonalize(nesterov, dtype=self.ns_dtype) * max(1.0, shape[0] / shape[1]) ** 0.5
+            dtype = self.ns_dtype or (torch.bfloat16 if nesterov.is_cuda else torch.float32)
+            update = orthogonalize(nesterov, dtype=dtype) * max(1.0, shape[0] / shape[1]) ** 0.5
             if wd:
                 torch._foreach_mul_(params, 1 - lr * wd)
             torch._foreach_add_(params, list(update.unbind(0)), alpha=-lr)

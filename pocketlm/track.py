@@ -64,7 +64,7 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype = torch.float
     return 2 * n**3 / best / 1e12
 
 
-_measured: set[str] = set()  # peak keys measured in this process
+_measured: dict[str, float] = {}  # "cache file|key" -> the TFLOP/s figure this process settled on
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: float = 0.0) -> tuple[float, str]:
@@ -89,9 +89,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: floa
     # Every run measures again briefly and the cache keeps the best figure this machine has shown: a figure
     # taken while other processes held the cores (too low, so MFU above 100%) is replaced by the next run.
     seen = cached.get(key) if isinstance(cached.get(key), (int, float)) else 0.0
-    if key in _measured and seen:  # once per process (the dtype choice and the MFU both ask)
-        return float(seen) * 1e12, f"measured matmul peak ({file})"
-    _measured.add(key)
+    if f"{file}|{key}" in _measured:  # once per process: the dtype choice and the MFU both ask
+        return _measured[f"{file}|{key}"] * 1e12, f"measured matmul peak ({file})"
     now = measure_matmul_tflops(device, dtype)  # autocast runs the matmuls in its dtype: bf16 peak for bf16
     if now > seen:
         cached[key] = now
@@ -102,6 +101,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: floa
             atomic_write_text(file, json.dumps(cached, indent=2) + "\n")
         except OSError:
             pass  # a read-only home: measure again next time
+    _measured[f"{file}|{key}"] = float(cached[key])
     return float(cached[key]) * 1e12, f"measured matmul peak ({file})"
 
 

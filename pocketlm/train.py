@@ -260,10 +260,11 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.source = source or Scratch(cfg, self.dataset)
         self.model = self.source.build().to(self.rt.device)
-        if t.dtype == "auto" and self.rt.device.type == "cpu" and hasattr(self.model, "config"):
-            self.rt.dtype, self.rt.dtype_reason = cpu_dtype(self.model.config.n_embd)
+        if t.dtype == "auto" and self.rt.device.type == "cpu" and isinstance(self.model, GPT):
+            # measured on pocketlm's model (attention stays fp32 there); a transformers model keeps fp32
+            self._pick_cpu_dtype(self.model.config.n_embd)
         parallel.shard(self.model, self.rt, t.strategy)
-        self.optimizer = optim.build(self.model, t, low_precision=self.rt.dtype != torch.float32 or
+        self.optimizer = optim.build(self.model, t, low_precision=self.rt.dtype == torch.bfloat16 or
                                      self.rt.device.type == "cuda")
         # only now, with everything built and checked, is an old run cleared (--overwrite)
         prepare_run_dir(self.out, resume, overwrite, write=self.rt.is_main)
@@ -323,6 +324,15 @@ class Trainer:
                 getattr(cb, "on_checkpoint", lambda *a: None)(self.state.step, dst)
         self._barrier()
         return dst
+
+    def _pick_cpu_dtype(self, n_embd: int) -> None:
+        dtype, why = cpu_dtype(n_embd)
+        if self.rt.distributed:  # every rank must autocast alike: bf16 only where every rank measured the gain
+            flag = torch.tensor([int(dtype == torch.bfloat16)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if dtype == torch.bfloat16 and not flag.item():
+                dtype, why = torch.float32, "float32: not every process measured a bf16 matmul gain"
+        self.rt.dtype, self.rt.dtype_reason = dtype, why
 
     def _barrier(self) -> None:
         if self.rt.distributed:

@@ -249,14 +249,38 @@ def test_cpu_dtype_follows_the_width_and_the_measured_bf16_gain(monkeypatch: pyt
     assert device.cpu_dtype(64) == (torch.float32, "float32: at 64 wide bf16 autocast's casts cost more than "
                                                    "its matmuls gain")
     # the rule on measured figures: a CPU with bf16 units (2.2x) and one that emulates them (0.25x)
+    wide = {"model.n_embd": 128, "train.optimizer": "muon", "train.max_steps": 12, "train.eval_interval": 6}
     for gain, want in ((2.2, torch.bfloat16), (0.25, torch.float32)):
         monkeypatch.setattr(track, "peak_flops", lambda dev, dt, configured=0.0, g=gain:
                             ((g if dt == torch.bfloat16 else 1.0) * 1e11, "test"))
         dtype, why = device.cpu_dtype(128)
         assert dtype == want and f"{gain:.1f}x fp32's" in why
-        trainer = Trainer(tiny_config(char_data, tmp_path / str(gain), **{"model.n_embd": 128}), verbose=False)
+        trainer = Trainer(tiny_config(char_data, tmp_path / str(gain), **wide), verbose=False)
         assert trainer.rt.dtype == want and f"{gain:.1f}x" in trainer.rt.reason
-        assert trainer.optimizer.param_groups  # built after the decision
+        # the optimizer is built after the decision: Muon's Newton-Schulz follows the run's dtype
+        assert trainer.optimizer.ns_dtype == (torch.bfloat16 if want == torch.bfloat16 else None)
+    # a bf16 run trains, and resumes exactly from its last checkpoint
+    whole = _losses(trainer_fit(tiny_config(char_data, tmp_path / "whole", **wide), 2.2, monkeypatch))
+    part = Trainer(tiny_config(char_data, tmp_path / "part", **wide), verbose=False)
+    assert part.rt.dtype == torch.bfloat16
+
+    class StopAt5:
+        def on_log(self, step: int, record: dict) -> None:
+            part.stop_requested = step >= 5
+
+    part.callbacks.append(StopAt5())
+    assert part.fit().step == 5
+    rest = _losses(trainer_fit(tiny_config(char_data, tmp_path / "part", **wide), 2.2, monkeypatch, resume=True))
+    assert whole[-1] < whole[0] and rest == whole[-len(rest):]
     trainer = Trainer(tiny_config(char_data, tmp_path / "f32", **{"model.n_embd": 128, "train.dtype": "float32"}),
                       verbose=False)
     assert trainer.rt.dtype == torch.float32 and "requested" in trainer.rt.reason
+
+
+def trainer_fit(cfg, gain: float, monkeypatch: pytest.MonkeyPatch, resume: bool = False):
+    from pocketlm import track
+    from pocketlm.train import train
+
+    monkeypatch.setattr(track, "peak_flops", lambda dev, dt, configured=0.0:
+                        ((gain if dt == torch.bfloat16 else 1.0) * 1e11, "test"))
+    return train(cfg, resume=resume, verbose=False)

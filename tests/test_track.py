@@ -25,10 +25,12 @@ def test_peak_flops_keeps_the_best_figure_measured(tmp_path: Path, monkeypatch) 
     (key,) = cache = json.loads(file.read_text())
     cache[key] = 123.0  # a higher figure seen before stays: the peak is the best this machine has shown
     file.write_text(json.dumps(cache))
+    assert track.peak_flops(torch.device("cpu"), torch.float32)[0] == flops  # this process measured already
+    monkeypatch.setattr(track, "_measured", {})  # the next run
     assert track.peak_flops(torch.device("cpu"), torch.float32)[0] == 123.0e12
     cache[key] = 1e-9  # one taken while other processes held the cores is replaced by the next run's measurement
     file.write_text(json.dumps(cache))
-    monkeypatch.setattr(track, "_measured", set())  # the next run (a run measures each peak once)
+    monkeypatch.setattr(track, "_measured", {})  # the next run (a run measures each peak once)
     assert track.peak_flops(torch.device("cpu"), torch.float32)[0] > 1e8
     assert json.loads(file.read_text())[key] > 1e-4
     assert track.peak_flops(torch.device("cpu"), torch.float32, configured_tflops=2.5) == (2.5e12, "train.peak_tflops")
