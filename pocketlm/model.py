@@ -11,6 +11,7 @@ the sampling loop is in `generate.py`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -69,18 +70,6 @@ def norm_layer(cfg: GPTConfig) -> nn.Module:
     return nn.LayerNorm(cfg.n_embd, eps=NORM_EPS, bias=cfg.bias)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
-              dropout: float) -> torch.Tensor:
-    """torch's SDPA (flash attention where the device has it), in fp32 under bf16 autocast on CPU: there the
-    matmuls gain ~2x, but the CPU flash kernel's bf16 backward is ~2.7x slower than its fp32 one (and the
-    scores as bf16 matmuls with an fp32 softmax were no faster for contexts of 64 and 256)."""
-    if q.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
-    with torch.autocast("cpu", enabled=False):  # c_proj's autocast casts the fp32 output back to bf16
-        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal,
-                                              dropout_p=dropout)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -93,8 +82,12 @@ class CausalSelfAttention(nn.Module):
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.c_attn(x)
-        if qkv.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            qkv = qkv.float()  # attention runs in fp32 there (see `attention`): one cast instead of three
+        # Under bf16 autocast on CPU the matmuls gain ~2x, but the CPU flash kernel's bf16 backward is ~2.7x
+        # slower than its fp32 one (scores as bf16 matmuls with an fp32 softmax were no faster either), so
+        # attention runs in fp32 there: one cast of q, k, v together, and c_proj's autocast casts y back.
+        fp32_attention = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        if fp32_attention:
+            qkv = qkv.float()
         q, k, v = qkv.split(self.n_embd, dim=2)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -112,7 +105,11 @@ class CausalSelfAttention(nn.Module):
                 causal = False
                 if T > 1:
                     mask = torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(diagonal=p)
-        y = attention(q, k, v, mask, causal and T > 1, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        with torch.autocast("cpu", enabled=False) if fp32_attention else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+                dropout_p=self.dropout if self.training else 0.0,
+            )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

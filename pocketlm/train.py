@@ -264,8 +264,7 @@ class Trainer:
             # measured on pocketlm's model (attention stays fp32 there); a transformers model keeps fp32
             self._pick_cpu_dtype(self.model.config.n_embd)
         parallel.shard(self.model, self.rt, t.strategy)
-        self.optimizer = optim.build(self.model, t, low_precision=self.rt.dtype == torch.bfloat16 or
-                                     self.rt.device.type == "cuda")
+        self.optimizer = optim.build(self.model, t, low_precision=self.rt.dtype == torch.bfloat16)
         # only now, with everything built and checked, is an old run cleared (--overwrite)
         prepare_run_dir(self.out, resume, overwrite, write=self.rt.is_main)
         self._barrier()

@@ -215,7 +215,7 @@ def test_compiled_training_step_equals_eager() -> None:
 
 
 def test_bf16_autocast_on_cpu_computes_what_fp32_does() -> None:
-    """Under bf16 autocast on CPU the matmuls run in bf16 and attention in fp32 (`model.attention`): the loss
+    """Under bf16 autocast on CPU the matmuls run in bf16 and attention in fp32 (CausalSelfAttention): the loss
     and every gradient match the fp32 step to bf16 precision, and Muon's bf16 Newton-Schulz matches fp32's."""
     from pocketlm import optim
 
@@ -242,8 +242,8 @@ def test_bf16_autocast_on_cpu_computes_what_fp32_does() -> None:
 
 def test_cpu_dtype_follows_the_width_and_the_measured_bf16_gain(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                                 char_data: Path) -> None:
-    from pocketlm import device, track
-    from pocketlm.train import Trainer
+    from pocketlm import device
+    from pocketlm.train import Trainer, train
     from tests.conftest import tiny_config
 
     assert device.cpu_dtype(64) == (torch.float32, "float32: at 64 wide bf16 autocast's casts cost more than "
@@ -251,8 +251,7 @@ def test_cpu_dtype_follows_the_width_and_the_measured_bf16_gain(monkeypatch: pyt
     # the rule on measured figures: a CPU with bf16 units (2.2x) and one that emulates them (0.25x)
     wide = {"model.n_embd": 128, "train.optimizer": "muon", "train.max_steps": 12, "train.eval_interval": 6}
     for gain, want in ((2.2, torch.bfloat16), (0.25, torch.float32)):
-        monkeypatch.setattr(track, "peak_flops", lambda dev, dt, configured=0.0, g=gain:
-                            ((g if dt == torch.bfloat16 else 1.0) * 1e11, "test"))
+        bf16_gain(monkeypatch, gain)
         dtype, why = device.cpu_dtype(128)
         assert dtype == want and f"{gain:.1f}x fp32's" in why
         trainer = Trainer(tiny_config(char_data, tmp_path / str(gain), **wide), verbose=False)
@@ -260,7 +259,8 @@ def test_cpu_dtype_follows_the_width_and_the_measured_bf16_gain(monkeypatch: pyt
         # the optimizer is built after the decision: Muon's Newton-Schulz follows the run's dtype
         assert trainer.optimizer.ns_dtype == (torch.bfloat16 if want == torch.bfloat16 else None)
     # a bf16 run trains, and resumes exactly from its last checkpoint
-    whole = _losses(trainer_fit(tiny_config(char_data, tmp_path / "whole", **wide), 2.2, monkeypatch))
+    bf16_gain(monkeypatch, 2.2)
+    whole = _losses(train(tiny_config(char_data, tmp_path / "whole", **wide), verbose=False))
     part = Trainer(tiny_config(char_data, tmp_path / "part", **wide), verbose=False)
     assert part.rt.dtype == torch.bfloat16
 
@@ -270,17 +270,17 @@ def test_cpu_dtype_follows_the_width_and_the_measured_bf16_gain(monkeypatch: pyt
 
     part.callbacks.append(StopAt5())
     assert part.fit().step == 5
-    rest = _losses(trainer_fit(tiny_config(char_data, tmp_path / "part", **wide), 2.2, monkeypatch, resume=True))
+    rest = _losses(train(tiny_config(char_data, tmp_path / "part", **wide), resume=True, verbose=False))
     assert whole[-1] < whole[0] and rest == whole[-len(rest):]
     trainer = Trainer(tiny_config(char_data, tmp_path / "f32", **{"model.n_embd": 128, "train.dtype": "float32"}),
                       verbose=False)
     assert trainer.rt.dtype == torch.float32 and "requested" in trainer.rt.reason
 
 
-def trainer_fit(cfg, gain: float, monkeypatch: pytest.MonkeyPatch, resume: bool = False):
+def bf16_gain(monkeypatch: pytest.MonkeyPatch, gain: float) -> None:
+    """The matmul peaks a CPU would measure: bf16 `gain` times fp32's."""
     from pocketlm import track
-    from pocketlm.train import train
 
     monkeypatch.setattr(track, "peak_flops", lambda dev, dt, configured=0.0:
                         ((gain if dt == torch.bfloat16 else 1.0) * 1e11, "test"))
-    return train(cfg, resume=resume, verbose=False)
+
