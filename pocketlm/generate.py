@@ -87,6 +87,48 @@ def load_model(path: str | Path, device: str | torch.device) -> tuple[torch.nn.M
     return load_folder(folder, device), folder
 
 
+GRAPH_MIN_TOKENS = 16  # shorter generations are not worth a capture (a few ms)
+
+
+class GraphStep:
+    """`GPT.decode` replayed from a CUDA graph. A small model's token is dozens of tiny kernels, each
+    launched from Python; a replay launches them all at once. The step's shapes are fixed (`decode(at=)`),
+    its inputs are copied into static tensors before each replay, and the graph holds the addresses of the
+    weights and of this cache, so it is captured per generation, before the prefill: the capture's warm-up
+    writes position 0, which the prefill overwrites. Off CUDA it runs the same fixed-shape step eagerly."""
+
+    def __init__(self, model: GPT, cache: KVCache, plan: tuple) -> None:
+        self.model, self.cache, self.plan = model, cache, plan
+        device = cache.k.device
+        self.tok = torch.zeros((cache.k.size(1), 1), dtype=torch.long, device=device)
+        self.at = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph = None
+        if device.type == "cuda":
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # warm up outside the capture: lazy inits, cuBLAS workspaces
+                for _ in range(2):
+                    self._run()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._run()
+
+    def _run(self) -> torch.Tensor:
+        return self.model.decode(self.tok, self.cache, self.plan, at=self.at)
+
+    def __call__(self, tok: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        self.tok.copy_(tok)
+        self.at.fill_(cache.pos)
+        if self.graph is None:
+            logits = self._run()
+        else:
+            self.graph.replay()
+            logits = self.logits.clone()  # the graph's output buffer is overwritten by the next replay
+        cache.pos += 1
+        return logits
+
+
 class Engine:
     """A model and its tokenizer, ready to generate. `Engine.load(run_or_checkpoint)`."""
 
@@ -94,6 +136,9 @@ class Engine:
         self.model = model.eval()
         self.tok = tok
         self.device = next(model.parameters()).device
+        # decode steps from a CUDA graph (`GraphStep`): None = on CUDA; True elsewhere runs the same
+        # fixed-shape step without capturing it, which is how the CPU tests check what the graph computes
+        self.cuda_graphs: bool | None = None
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto") -> Engine:
@@ -143,7 +188,11 @@ class Engine:
             cache = self.model.new_cache()
         if isinstance(self.model, GPT) and self.model.decodable():
             plan = self.model.decode_plan()
-            step = (lambda tok, cache: self.model.decode(tok, cache, plan))
+            graphs = self.cuda_graphs if self.cuda_graphs is not None else self.device.type == "cuda"
+            if graphs and p.max_new_tokens >= GRAPH_MIN_TOKENS:
+                step = GraphStep(self.model, cache, plan)  # captured before the prefill fills the cache
+            else:
+                step = (lambda tok, cache: self.model.decode(tok, cache, plan))
         else:
             step = (lambda tok, cache: self.model(tok, cache=cache, last_only=True)[0][:, -1])
         logits = self._prefill(context[:, max(0, length - T):length], cache)

@@ -244,13 +244,18 @@ class GPT(nn.Module):
         return tf.wte.weight, wpe, layers, tf.ln_f.weight, getattr(tf.ln_f, "bias", None), t(self.lm_head)
 
     @torch.inference_mode()
-    def decode(self, idx: torch.Tensor, cache: KVCache, plan: tuple | None = None) -> torch.Tensor:
+    def decode(self, idx: torch.Tensor, cache: KVCache, plan: tuple | None = None,
+               at: torch.Tensor | None = None) -> torch.Tensor:
         """One new token per sequence: idx (B, 1) -> logits (B, vocab), the cache advanced by one.
 
         Computes what `forward(idx, cache=cache, last_only=True)` computes, on (B, C) rows with direct
         `mm`/`addmm`/`layer_norm` calls instead of module calls, masks and copies: small models spend most
         of a generated token in per-op overhead, and this makes it the fewest ops. Needs `decodable()` and a
         cache made for exactly B sequences; pass `decode_plan()` when calling it in a loop.
+
+        `at` (a one-element long tensor on the model's device, = cache.pos) makes every shape fixed, as a
+        CUDA graph needs (`generate.GraphStep`): the new key is written at `at`, attention reads the whole
+        cache under a mask of positions <= `at`, and `cache.pos` is left for the caller to advance.
         """
         c, p = self.config, cache.pos
         if p + 1 > c.block_size:
@@ -265,9 +270,17 @@ class GPT(nn.Module):
             return torch.rms_norm(x, shape, w, eps) if rms else torch.layer_norm(x, shape, w, b, eps, False)
 
         x = F.embedding(idx.view(B), wte)  # (B, C)
-        if wpe is not None:
-            x += wpe[p]
-        rope = self._rope(p, 1)
+        if at is None:
+            rope = self._rope(p, 1)
+            if wpe is not None:
+                x += wpe[p]
+        else:
+            seen = (torch.arange(cache.k.size(3), device=idx.device) <= at)[None]  # (1, max_len): keys <= at
+            if c.pos_emb == "rotary":
+                rope = self.rope_cos.index_select(0, at), self.rope_sin.index_select(0, at)
+            else:
+                rope = None
+                x += wpe.index_select(0, at)
         caches = zip(cache.k.unbind(0), cache.v.unbind(0))  # (B, nh, max_len, hs) per layer
         for (w1, b1, wa, ba, wp, bp, w2, b2, wf, bf, wo, bo), (keys, values) in zip(layers, caches):
             h = norm(x, w1, b1)
@@ -275,9 +288,14 @@ class GPT(nn.Module):
             q, k, v = qkv.unbind(1)  # (B, nh, 1, hs) each, views
             if rope is not None:
                 q, k = rotate(q, *rope), rotate(k, *rope)
-            keys.narrow(2, p, 1).copy_(k)
-            values.narrow(2, p, 1).copy_(v)
-            y = sdpa(q, keys.narrow(2, 0, p + 1), values.narrow(2, 0, p + 1)).view(B, C)
+            if at is None:
+                keys.narrow(2, p, 1).copy_(k)
+                values.narrow(2, p, 1).copy_(v)
+                y = sdpa(q, keys.narrow(2, 0, p + 1), values.narrow(2, 0, p + 1)).view(B, C)
+            else:
+                keys.index_copy_(2, at, k)
+                values.index_copy_(2, at, v)
+                y = sdpa(q, keys, values, attn_mask=seen).view(B, C)
             x.addmm_(y, wp)  # x += y @ Wp^T
             if bp is not None:
                 x += bp
@@ -291,7 +309,8 @@ class GPT(nn.Module):
             x.addmm_(h, wo)
             if bo is not None:
                 x += bo
-        cache.pos += 1
+        if at is None:
+            cache.pos += 1
         return mm(norm(x, lnf_w, lnf_b), head_t)
 
     def stream_layout(self) -> GPT:

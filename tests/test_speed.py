@@ -41,6 +41,27 @@ def test_decode_step_equals_module_forward(kw: dict) -> None:
 
 
 @pytest.mark.parametrize("kw", [dict(bias=True), dict(LLAMA, bias=False)], ids=["gpt2", "llama"])
+def test_fixed_shape_decode_step_equals_the_plain_one(kw: dict) -> None:
+    """`decode(at=)`, the step a CUDA graph captures: same logits and cache contents as the plain step, with
+    stale keys beyond `at` masked out (the cache is filled with garbage first, as after a window refill)."""
+    m = tiny(**kw)
+    x = torch.randint(0, 37, (3, 20))
+    plain, fixed = (KVCache(m.config, 3, 24, "cpu", torch.float32) for _ in range(2))
+    fixed.k.normal_(), fixed.v.normal_()
+    m(x[:, :5], cache=plain)
+    m(x[:, :5], cache=fixed)
+    at = torch.zeros(1, dtype=torch.long)
+    for t in range(5, 20):
+        want = m.decode(x[:, t:t + 1], plain)
+        at.fill_(fixed.pos)
+        got = m.decode(x[:, t:t + 1], fixed, at=at)
+        assert fixed.pos == t  # the caller advances it
+        fixed.pos += 1
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fixed.k[:, :, :, :20], plain.k[:, :, :, :20], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(bias=True), dict(LLAMA, bias=False)], ids=["gpt2", "llama"])
 def test_stream_layout_keeps_values_and_logits(kw: dict) -> None:
     m = tiny(**kw)
     x = torch.randint(0, 37, (2, 20))
@@ -109,6 +130,12 @@ def test_engine_decode_path_and_batch_agree_with_naive_reference() -> None:
         want = naive_generate(m, ids, 21)
         fast = [t.tolist() for t in engine.steps(ids, p, n=3)]  # batched: the 3 greedy samples agree
         assert [row[0] for row in fast] == want and all(len(set(row)) == 1 for row in fast)
+        engine.cuda_graphs = True  # the fixed-shape step a CUDA graph replays, run eagerly on CPU
+        p_long = SamplingParams(max_new_tokens=3 * m.config.block_size, temperature=0, stop_at_eot=False)
+        plain = [t.tolist() for t in engine.steps(ids, p_long, n=2)]  # windows fill and are refilled
+        engine.cuda_graphs = False
+        assert plain == [t.tolist() for t in engine.steps(ids, p_long, n=2)]
+        assert [row[0] for row in plain[:21]] == want
         m.decodable = lambda: False  # the module path (what a LoRA-wrapped model runs)
         assert [int(t[0]) for t in engine.steps(ids, p)] == want
 
