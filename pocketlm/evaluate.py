@@ -41,8 +41,11 @@ def batch_sums(logits: torch.Tensor, targets: torch.Tensor, k: int, token_bytes:
     """Sums over the scored targets of a batch: (nll nats, tokens, correct, top-k correct, bytes), float64 CPU.
 
     A target is "correct" when no logit is strictly larger than its own, and in the top k when fewer than
-    k are (ties count in the target's favour). logits (..., V), targets (...) with IGNORE for unscored.
+    k are. Ties are measure-zero in fp32, but bf16/fp16 logits (autocast) round many apart values
+    together, so for those a tie counts as its expected hit under a random tie-break: the share of the tied
+    places that fall inside the cut. logits (..., V), targets (...) with IGNORE for unscored.
     """
+    low_precision = logits.dtype in (torch.bfloat16, torch.float16)
     V = logits.size(-1)
     logits, targets = logits.reshape(-1, V), targets.reshape(-1)
     keep = targets != IGNORE
@@ -55,9 +58,14 @@ def batch_sums(logits: torch.Tensor, targets: torch.Tensor, k: int, token_bytes:
         tg = targets[s:s + rows]
         nll = F.cross_entropy(lg, tg, reduction="sum")
         # logits that beat the target's; an int32 sum is ~6x faster than the default int64 one on CPU
-        above = (lg > lg.gather(1, tg[:, None])).sum(1, dtype=torch.int32)
-        part = torch.stack([nll.double(), torch.tensor(tg.numel(), dtype=torch.float64, device=lg.device),
-                            (above == 0).sum().double(), (above < k).sum().double(),
+        own = lg.gather(1, tg[:, None])
+        above = (lg > own).sum(1, dtype=torch.int32)
+        if low_precision:
+            tied = (lg == own).sum(1, dtype=torch.int32).double()  # the target itself included
+            hits = [((cut - above).clamp(min=0) / tied).clamp(max=1).sum() for cut in (1, k)]
+        else:
+            hits = (above == 0).sum().double(), (above < k).sum().double()
+        part = torch.stack([nll.double(), torch.tensor(tg.numel(), dtype=torch.float64, device=lg.device), *hits,
                             token_bytes[tg].sum().double() if token_bytes is not None else
                             torch.zeros((), dtype=torch.float64, device=lg.device)])
         sums += part.cpu()

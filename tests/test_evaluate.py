@@ -54,6 +54,21 @@ def test_metrics_match_hand_computation() -> None:
     assert m["bpb"] == pytest.approx(sum(nll) / math.log(2) / bytes_, rel=1e-6)
 
 
+def test_ties_in_bf16_logits_count_as_a_random_tie_break() -> None:
+    """bf16 rounds near values together: a target tied with two others is a third of a hit, not a whole one;
+    in the top 2 with one logit above it and one tied, half of one. fp32 logits keep the strict count."""
+    rows = [[1.0, 1.0, 1.0, 0.0], [2.0, 1.0, 1.0, 0.0], [0.0, 1.0, 3.0, 2.0]]
+    targets = [0, 2, 2]
+    meter = ev.Meter(k=2)
+    meter.add(torch.tensor([rows], dtype=torch.bfloat16), torch.tensor([targets]))
+    m = meter.metrics()
+    assert m["acc"] == pytest.approx((1 / 3 + 0 + 1) / 3)
+    assert m["top2_acc"] == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    strict = ev.Meter(k=2)
+    strict.add(torch.tensor([rows]), torch.tensor([targets]))
+    assert strict.metrics()["acc"] == pytest.approx(2 / 3) and strict.metrics()["top2_acc"] == pytest.approx(1.0)
+
+
 def test_empty_meter_is_an_error() -> None:
     with pytest.raises(PocketLMError, match="nothing was evaluated"):
         ev.Meter().metrics()
