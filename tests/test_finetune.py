@@ -223,6 +223,19 @@ def test_lora_run_end_to_end(tmp_path: Path, bpe_data: Path) -> None:
     assert json.loads((run / "best" / "config.json").read_text())["model_type"] == "llama"
 
 
+@pytest.mark.parametrize("layout", [{}, {"pos_emb": "rotary", "norm": "rmsnorm", "mlp": "swiglu"}],
+                         ids=["gpt2", "llama"])
+def test_freeze_layers_of_pocketlm_models(layout: dict) -> None:
+    from pocketlm.model import GPT, GPTConfig
+
+    m = GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16, **layout))
+    adapt.freeze(m, "1")
+    frozen = {k for k, p in m.named_parameters() if not p.requires_grad}
+    assert "transformer.wte.weight" in frozen and "transformer.h.0.attn.c_attn.weight" in frozen
+    assert ("transformer.wpe.weight" in frozen) == (not layout)
+    assert not any(k.startswith("transformer.h.1.") for k in frozen)
+
+
 def test_freeze_layers(tmp_path: Path, bpe_data: Path) -> None:
     start = startlib.load(str(make_hf("gpt2", tmp_path / "gpt2", bpe_data)))
     n = adapt.freeze(start.model, "1")

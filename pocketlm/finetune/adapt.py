@@ -58,7 +58,8 @@ def freeze(model: nn.Module, spec: str) -> int:
         emb = {id(p) for p in inner(model).get_input_embeddings().parameters()} if hasattr(
             inner(model), "get_input_embeddings") else {id(model.transformer.wte.weight)}
         if isinstance(model, GPT):
-            emb |= {id(model.transformer.wpe.weight)}
+            if "wpe" in model.transformer:  # learned positions (the Llama layout has rotary ones, no table)
+                emb |= {id(model.transformer.wpe.weight)}
         else:
             emb |= {id(p) for k, p in params.items() if k.endswith(("wpe.weight",))}
         chosen = [k for k, p in params.items() if id(p) in emb or any(k.startswith(f) for f in first)] if n else []
