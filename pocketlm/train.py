@@ -34,6 +34,7 @@ from pocketlm import checkpoint as ckpt
 from pocketlm import config as configlib
 from pocketlm import evaluate as evallib
 from pocketlm import optim, parallel
+from pocketlm import tokenizer as toklib
 from pocketlm import track
 from pocketlm.config import Config
 from pocketlm.data.prepare import Dataset
@@ -288,6 +289,7 @@ class Trainer:
         folder = self.out / "last"
         meta, opt_state, rng = ckpt.load_trainer_state(folder)
         check_resume_compatible(meta["config"], self.cfg)
+        self._check_resume_tokenizer(folder)
         parallel.load_full_state(self.model, self.optimizer, self.source.load_state(folder), opt_state)
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
@@ -295,6 +297,17 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"])
         self.state = State(step=meta["step"], tokens=meta["tokens"], best_val=meta["best_val"],
                            elapsed=meta.get("elapsed", 0.0), wall=meta.get("wall", meta.get("elapsed", 0.0)))
+
+    def _check_resume_tokenizer(self, folder: Path) -> None:
+        """Resuming on other data is allowed (more text, say), but not on other token ids: a retrained
+        tokenizer of the same size would silently give every embedding row another meaning."""
+        if self.dataset is None or not (folder / "tokenizer.json").is_file():
+            return
+        vocab = self.dataset.tokenizer().tk.get_vocab(with_added_tokens=True)
+        if toklib.load(folder).tk.get_vocab(with_added_tokens=True) != vocab:
+            raise PocketLMError(f"--resume on data whose tokenizer is not the run's ({self.dataset.path} was "
+                                f"prepared with another vocabulary): prepare it with `--tokenizer {folder}`, or "
+                                "start a new run from these weights with --init-from")
 
     def _rng_state(self) -> dict[str, torch.Tensor]:
         rng = {"torch": torch.get_rng_state()}

