@@ -1,20 +1,25 @@
 """Continuous batching over the KV cache: one worker thread steps every active sequence together.
 
-Requests join between steps. A new request is prefilled alone, straight into a free row of a shared slotted
-cache (n_layer, rows, nh, block_size, hs) and copied to one row per sample; from then on every step feeds one
-token per active row through one batched forward, each row at its own position. Active rows are kept at
-0..A-1, so a step reads a view of the cache, never a gathered copy. Each request keeps its own sampling
-parameters and seeded generator, so what it generates does not depend on which requests share its steps.
-A finished or cancelled sequence frees its row at once; when a row's window fills, that row alone is
-prefilled again with the last 3/4 of its context, as `generate.Engine` does.
+Requests join between steps. A new request is prefilled alone into a free row of the cache and copied to one
+row per sample; from then on every step feeds one token per active row, each row at its own position. Each
+request keeps its own sampling parameters and seeded generator, so what it generates does not depend on which
+requests share its steps. A finished or cancelled sequence frees its row at once (active rows are kept at
+0..A-1); when a row's window fills, that row alone is prefilled again with the last 3/4 of its context, as
+`generate.Engine` does.
 
-The batched decode step re-implements the model's forward for one token per row at per-row positions (the
-model's own forward takes one position for the whole batch); `tests/test_serve_batching.py` checks that it
-produces the same tokens as the Engine, which is checked against the naive full recompute.
+The worker touches the model only through a row store's slot-level methods (prefill, copy, move, free,
+decode). For pocketlm's GPT (`SharedRows`) the rows are one slotted cache (n_layer, rows, nh, block_size, hs)
+and a step is one batched forward that reads a view of the cache, never a gathered copy; it re-implements the
+model's forward for one token per row at per-row positions, learned or rotary (the model's own forward takes
+one position for the whole batch). A transformers model (`pocketlm.finetune.hf.HFModel`, `OwnRows`) keeps
+one transformers cache per row and steps its rows one after another: correct, not batched.
+`tests/test_serve_batching.py` checks both against the Engine, which is checked against the naive full
+recompute.
 """
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 import time
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 
 from pocketlm.errors import PocketLMError
 from pocketlm.generate import Engine, SamplingParams, _Sample, next_token
-from pocketlm.model import KVCache
+from pocketlm.model import GPT, KVCache, rotate
 
 
 @dataclass
@@ -76,13 +81,9 @@ class Batcher:
         if max_rows < 1:
             raise PocketLMError(f"--max-batch must be at least 1, got {max_rows}")
         self.engine, self.model, self.tok = engine, engine.model, engine.tok
-        cfg = self.model.config
-        self.T, self.max_rows, self.device = cfg.block_size, max_rows, engine.device
-        self.n_embd, self.n_head = cfg.n_embd, cfg.n_head
-        dtype = next(self.model.parameters()).dtype
-        shape = (cfg.n_layer, max_rows, cfg.n_head, self.T, cfg.n_embd // cfg.n_head)
-        self.k = torch.zeros(shape, device=self.device, dtype=dtype)
-        self.v = torch.zeros(shape, device=self.device, dtype=dtype)
+        self.T, self.max_rows, self.device = self.model.config.block_size, max_rows, engine.device
+        store = SharedRows if isinstance(self.model, GPT) else OwnRows
+        self.store: SharedRows | OwnRows = store(self.model, max_rows, self.device)
         self.rows: list[_Row] = []
         self.inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self.pending: deque[Request] = deque()
@@ -135,6 +136,8 @@ class Batcher:
                 except Exception as e:  # a bug or out-of-memory: fail the requests in flight, keep serving
                     for req in {id(r.req): r.req for r in self.rows}.values():
                         _send(req, Event("error", text=f"generation failed: {e}"))
+                    for slot in range(len(self.rows)):
+                        self.store.free(slot)
                     self.rows.clear()
         for req in [*{id(r.req): r.req for r in self.rows}.values(), *self.pending]:
             _send(req, Event("error", text="the server is shutting down"))
@@ -170,9 +173,9 @@ class Batcher:
             req.seen = torch.zeros((req.n, self.model.config.vocab_size), dtype=torch.bool, device=self.device)
             req.seen[:, req.ids] = True
         first = len(self.rows)
-        logits = self._prefill(first, req.ids)
+        logits = self.store.prefill(first, req.ids)
         for slot in range(first + 1, first + req.n):  # every sample starts from the same cached prompt
-            self._copy_row(first, slot, min(len(req.ids), self.T))
+            self.store.copy(first, slot, min(len(req.ids), self.T))
         rows = [_Row(req, i, min(len(req.ids), self.T)) for i in range(req.n)]
         self.rows.extend(rows)
         self._sample(rows, logits.expand(req.n, -1))
@@ -185,14 +188,14 @@ class Batcher:
         full = {i for i, r in enumerate(rows) if r.pos >= self.T}
         for i in full:  # keep the last 3/4 of the context (the new token included) and prefill again
             rows[i].context = rows[i].context[-(self.T - self.T // 4):]
-            logits[i] = self._prefill(i, rows[i].context)
+            logits[i] = self.store.prefill(i, rows[i].context)
             rows[i].pos = len(rows[i].context)
         idx = [i for i in range(A) if i not in full]
         if idx:
             tok = torch.tensor([rows[i].last for i in idx], device=self.device)
             pos = torch.tensor([rows[i].pos for i in idx], device=self.device)
             sel = slice(0, A) if len(idx) == A else torch.tensor(idx, device=self.device)
-            logits[idx] = self._decode(sel, tok, pos).float()
+            logits[idx] = self.store.decode(sel, tok, pos).float()
             for i in idx:
                 rows[i].pos += 1
         self.steps += 1
@@ -245,16 +248,33 @@ class Batcher:
                 continue
             last = len(self.rows) - 1
             if r != last:
-                self._copy_row(last, r, self.rows[last].pos)
+                self.store.move(last, r, self.rows[last].pos)
                 self.rows[r] = self.rows[last]
+            self.store.free(last)
             self.rows.pop()
 
-    # ---- the model ---------------------------------------------------------------------------------
-    def _copy_row(self, src: int, dst: int, length: int) -> None:
+
+class SharedRows:
+    """pocketlm's GPT: every row in one slotted cache, one batched forward per step."""
+
+    def __init__(self, model: GPT, rows: int, device: torch.device) -> None:
+        cfg = self.config = model.config
+        self.model, self.device, self.T = model, device, cfg.block_size
+        dtype = next(model.parameters()).dtype
+        shape = (cfg.n_layer, rows, cfg.n_head, self.T, cfg.n_embd // cfg.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    def copy(self, src: int, dst: int, length: int) -> None:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
-    def _prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
+    move = copy  # the source row is dropped right after; its stale values are overwritten before being read
+
+    def free(self, slot: int) -> None:
+        pass  # preallocated: a freed row is simply overwritten by the next prefill
+
+    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
         """Run the (last block_size) ids through the model, caching straight into `slot`; -> logits (vocab,)."""
         cache = KVCache.__new__(KVCache)  # a view of this slot: the model writes the row in place
         cache.k, cache.v, cache.pos = self.k[:, slot:slot + 1], self.v[:, slot:slot + 1], 0
@@ -262,12 +282,18 @@ class Batcher:
         logits, _ = self.model(x, cache=cache, last_only=True)
         return logits[0, -1].float()
 
-    def _decode(self, rows: slice | torch.Tensor, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def decode(self, rows: slice | torch.Tensor, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One token per row at its own position: tok, pos (B,) -> logits (B, vocab). Mirrors GPT.forward."""
-        tr = self.model.transformer
-        B, C, nh = tok.size(0), self.n_embd, self.n_head
+        model, tr = self.model, self.model.transformer
+        B, C, nh = tok.size(0), self.config.n_embd, self.config.n_head
         hs = C // nh
-        x = (tr.wte(tok) + tr.wpe(pos))[:, None]  # (B, 1, C)
+        x = tr.wte(tok)  # (B, C)
+        if "wpe" in tr:
+            x = x + tr.wpe(pos)
+        x = x[:, None]  # (B, 1, C)
+        rope = None
+        if self.config.pos_emb == "rotary":  # each row's own angles, broadcast over heads: (B, 1, 1, hs)
+            rope = model.rope_cos[pos][:, None, None], model.rope_sin[pos][:, None, None]
         L = int(pos.max()) + 1
         # each row sees its own cached keys and itself: positions 0..pos
         mask = (torch.arange(L, device=self.device)[None] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, L)
@@ -276,13 +302,49 @@ class Batcher:
             attn = block.attn
             q, k, v = attn.c_attn(block.ln_1(x)).split(C, dim=2)
             q = q.view(B, 1, nh, hs).transpose(1, 2)  # (B, nh, 1, hs)
-            self.k[i, rows_t, :, pos] = k.view(B, nh, hs)
+            k = k.view(B, 1, nh, hs).transpose(1, 2)
+            if rope is not None:
+                q, k = rotate(q, *rope), rotate(k, *rope)
+            self.k[i, rows_t, :, pos] = k[:, :, 0]  # (B, nh, hs) at each row's own position
             self.v[i, rows_t, :, pos] = v.view(B, nh, hs)
             keys, values = self.k[i, rows, :, :L], self.v[i, rows, :, :L]  # (B, nh, L, hs)
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, nh, 1, hs)
             x = x + attn.c_proj(y.transpose(1, 2).reshape(B, 1, C))
             x = x + block.mlp(block.ln_2(x))
-        return self.model.lm_head(tr.ln_f(x))[:, 0]
+        return model.lm_head(tr.ln_f(x))[:, 0]
+
+
+class OwnRows:
+    """A transformers model (HFModel): one HFCache per row, rows stepped one after another."""
+
+    def __init__(self, model: torch.nn.Module, rows: int, device: torch.device) -> None:
+        self.model, self.device, self.T = model, device, model.config.block_size
+        self.caches: list = [None] * rows  # HFCache per slot, None when free
+
+    def copy(self, src: int, dst: int, length: int) -> None:
+        # an independent copy, so the samples of one request can diverge; the worker runs under
+        # inference_mode, where the cached tensors are leaves that deepcopy clones
+        self.caches[dst] = copy.deepcopy(self.caches[src])
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.caches[dst], self.caches[src] = self.caches[src], None
+
+    def free(self, slot: int) -> None:
+        self.caches[slot] = None
+
+    def prefill(self, slot: int, ids: list[int]) -> torch.Tensor:
+        cache = self.caches[slot] = self.model.new_cache()
+        x = torch.tensor([ids[-self.T:]], dtype=torch.long, device=self.device)
+        logits, _ = self.model(x, cache=cache, last_only=True)
+        return logits[0, -1].float()
+
+    def decode(self, rows: slice | torch.Tensor, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        slots = range(tok.size(0)) if isinstance(rows, slice) else rows.tolist()
+        out = []
+        for j, slot in enumerate(slots):  # each cache knows its own length: pos is implied
+            logits, _ = self.model(tok[j:j + 1, None], cache=self.caches[slot], last_only=True)
+            out.append(logits[0, -1])
+        return torch.stack(out)
 
 
 def _send(req: Request, ev: Event) -> None:
