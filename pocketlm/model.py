@@ -79,7 +79,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` (B, 1, T, T) bool, True where a query may see a key, replaces the causal mask (packed rows)."""
         B, T, C = x.shape
         qkv = self.c_attn(x)
         # Under bf16 autocast on CPU the matmuls gain ~2x, but the CPU flash kernel's bf16 backward is ~2.7x
@@ -95,7 +96,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
-        mask, causal = None, True
+        causal = mask is None
         if cache is not None:
             p = cache.pos
             cache.k[layer, :B, :, p:p + T] = k
@@ -143,8 +144,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, cache, layer)  # pre-norm residual blocks, as in GPT-2
+                cache: KVCache | None = None, layer: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache, layer, mask)  # pre-norm residual blocks, as in GPT-2
         return x + self.mlp(self.ln_2(x))
 
 
@@ -194,24 +195,38 @@ class GPT(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-        last_only: bool = False,
+        last_only: bool = False, position_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy when targets are given.
 
         With a cache, positions continue from `cache.pos` and the cache advances by T. `last_only` returns
-        logits for the final position only (B, 1, vocab): generation needs nothing else.
+        logits for the final position only (B, 1, vocab): generation needs nothing else. `position_ids`
+        (B, T) are for rows packed with several examples, as transformers reads them: positions restart at
+        each example, and a position sees only the earlier ones of its own example.
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        mask = None
+        if position_ids is None:
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+            rope = self._rope(start, T)
+        elif cache is not None:
+            raise ValueError("position_ids are for packed training rows, not for decoding with a cache")
+        else:
+            pos = position_ids
+            example = (pos.diff(dim=1, prepend=pos[:, :1] - 1) != 1).cumsum(1)  # a new one where positions jump
+            mask = (example[:, :, None] == example[:, None, :]).tril()[:, None]  # (B, 1, T, T)
+            rope = None
+            if self.config.pos_emb == "rotary":  # (B, 1, T, hs): each row its own angles, broadcast over heads
+                rope = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]
         x = self.transformer.wte(idx)  # (B, T, C)
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))
+            x = x + self.transformer.wpe(pos)
         x = self.transformer.drop(x)
-        rope = self._rope(start, T)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, cache, i)
+            x = block(x, rope, cache, i, mask)
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)

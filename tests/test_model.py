@@ -51,3 +51,17 @@ def test_kv_cache_matches_full_forward(bias: bool) -> None:
 def test_too_long_input_is_refused() -> None:
     with pytest.raises(ValueError, match="exceeds block_size"):
         tiny()(torch.zeros(1, 25, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kw", [{}, dict(pos_emb="rotary", norm="rmsnorm", mlp="swiglu", bias=False)],
+                         ids=["gpt2", "llama"])
+def test_packed_rows_compute_each_example_alone(kw: dict) -> None:
+    m = tiny(**kw)
+    a, b = torch.randint(0, 37, (1, 9)), torch.randint(0, 37, (1, 11))
+    pos = torch.cat([torch.arange(9), torch.arange(11)])[None]
+    packed, _ = m(torch.cat([a, b], 1), position_ids=pos)
+    torch.testing.assert_close(packed, torch.cat([m(a)[0], m(b)[0]], 1), atol=1e-5, rtol=1e-5)
+    x = torch.cat([a, b], 1)  # plain positions are the unpacked forward, exactly
+    torch.testing.assert_close(m(x, position_ids=torch.arange(20)[None])[0], m(x)[0], atol=0, rtol=0)
+    with pytest.raises(ValueError, match="not for decoding"):
+        m(a, cache=KVCache(m.config, 1, 24, "cpu", torch.float32), position_ids=pos[:, :9])

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -60,12 +61,57 @@ def test_loss_only_on_assistant_tokens(chat_tok) -> None:
 def test_packing_keeps_examples_whole() -> None:
     ex = [([1, 2, 3], [-100, 2, 3]), ([4, 5, 6, 7], [-100, -100, 6, 7]), ([8] * 12, [-100] * 11 + [8]),
           ([9, 9], [-100, -100])]
-    ids, labels, cut = sftlib.pack(ex, 8, pad_id=0)
+    ids, labels, positions, cut = sftlib.pack(ex, 8, pad_id=0)
     assert cut == 1  # the 12-token example was cut, and then had nothing left to learn: dropped
     assert ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 0]]
     assert labels.tolist() == [[-100, 2, 3, -100, -100, 6, 7, -100]]
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 2, 3, 0]]  # each example (and the padding) from 0
     mask = sftlib.split_examples(10, 0.2, 1)
     assert mask.sum() == 2 and np.array_equal(mask, sftlib.split_examples(10, 0.2, 1))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "hf-gpt2", "hf-llama"])
+def test_a_packed_example_trains_as_if_alone(chat_tok, kind: str) -> None:
+    """Two conversations packed into one row: the SFT loss and logits equal those of each conversation
+    run alone (positions restart, attention stays inside the example), for pocketlm's models and for
+    transformers models (which read the same position_ids)."""
+    import torch
+    import transformers
+
+    from pocketlm.finetune.hf import HFModel
+    from pocketlm.model import GPT, GPTConfig
+    from pocketlm.train import NextTokenTask
+
+    V = len(chat_tok)
+    torch.manual_seed(0)
+    llama = dict(pos_emb="rotary", norm="rmsnorm", mlp="swiglu", bias=False)
+    model = {"gpt2": lambda: GPT(GPTConfig(vocab_size=V, block_size=128, n_layer=2, n_head=2, n_embd=16)),
+             "llama": lambda: GPT(GPTConfig(vocab_size=V, block_size=128, n_layer=2, n_head=2, n_embd=16, **llama)),
+             "hf-gpt2": lambda: HFModel(transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                 n_layer=2, n_head=2, n_embd=16, n_positions=128, vocab_size=V))),
+             "hf-llama": lambda: HFModel(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+                 num_hidden_layers=2, num_attention_heads=2, hidden_size=16, intermediate_size=32,
+                 max_position_embeddings=128, vocab_size=V)))}[kind]().eval()
+    convs = [CONV[1:3], [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]]
+    task = sftlib.SFTTask(chat_tok, convs, convs, block_size=127)
+    ids, labels, positions = task.splits["train"]
+    assert len(ids) == 1  # both in one row
+    cpu = SimpleNamespace(world_size=1, rank=0)
+    batch = task.batch("train", 0, 0, 1, 1, cpu, 0, torch.device("cpu"))
+    alone = [sftlib.encode(chat_tok, c) for c in convs]
+    with torch.no_grad():
+        packed_logits, _ = task.logits(model, batch)
+        packed_loss = task.loss(model, batch)
+        n = [sum(lab != -100 for lab in labs[1:]) for _, labs in alone]
+        losses, first = [], []
+        for ids_, labs in alone:
+            x, y = torch.tensor([ids_[:-1]]), torch.tensor([labs[1:]])
+            losses.append(NextTokenTask().loss(model, (x, y)))
+            first.append(NextTokenTask().logits(model, (x, y))[0][0])
+    torch.testing.assert_close(packed_loss, (losses[0] * n[0] + losses[1] * n[1]) / sum(n), atol=1e-5, rtol=1e-5)
+    a = len(alone[0][0])
+    torch.testing.assert_close(packed_logits[0, :a - 1], first[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed_logits[0, a:a + len(alone[1][0]) - 1], first[1], atol=1e-5, rtol=1e-5)
 
 
 def alpaca_jsonl(path: Path, n: int) -> Path:

@@ -61,14 +61,19 @@ class HFModel(nn.Module):
                               n_embd=getattr(c, "hidden_size", 0) or getattr(c, "n_embd", 0))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: HFCache | None = None,
-                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                last_only: bool = False, position_ids: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`position_ids` restarting at each example of a packed row: transformers then masks attention to
+        each example (its packed-sequence detection, with no attention_mask and no cache)."""
         if cache is not None:
             out = self.hf(input_ids=idx, past_key_values=cache.past, use_cache=True,
                           logits_to_keep=1 if last_only else 0)
             cache.past = out.past_key_values
             cache.pos += idx.shape[1]
             return out.logits, None
-        out = self.hf(input_ids=idx, use_cache=False, logits_to_keep=1 if last_only and targets is None else 0)
+        extra = {} if position_ids is None else {"position_ids": position_ids}
+        out = self.hf(input_ids=idx, use_cache=False, logits_to_keep=1 if last_only and targets is None else 0,
+                      **extra)
         logits = out.logits
         if targets is None:
             return logits, None

@@ -7,9 +7,9 @@ so what pocketlm trains on is exactly what `apply_chat_template` gives at infere
 on the tokens of assistant messages (their end-of-turn marker included).
 
 Packing: examples are laid back to back into rows of block_size + 1 tokens (an example never straddles two
-rows; the rest of a row is padding with label -100). Attention is not masked at example boundaries inside a
-row - the same trade-off as TRL's packing without flash-attention: each example starts with its own
-role markers, and no loss is taken on tokens of an example from another one.
+rows; the rest of a row is padding with label -100). Each example trains as if it were alone, as it is at
+inference: its positions restart at 0, and it attends to none of the examples before it in the row (the
+model takes `position_ids` and masks attention to each example, as transformers does for packed rows).
 """
 
 from __future__ import annotations
@@ -117,9 +117,11 @@ def encode(tok: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[in
     return list(enc["input_ids"]), labels
 
 
-def pack(examples: list[tuple[list[int], list[int]]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Rows of `length` tokens holding whole examples back to back; (ids, labels, examples truncated)."""
-    rows_ids, rows_lab, cur_ids, cur_lab, cut = [], [], [], [], 0
+def pack(examples: list[tuple[list[int], list[int]]], length: int,
+         pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Rows of `length` tokens holding whole examples back to back; (ids, labels, positions, examples
+    truncated). Positions count from 0 in each example (and in the padding after the last)."""
+    rows_ids, rows_lab, rows_pos, cur_ids, cur_lab, cur_pos, cut = [], [], [], [], [], [], 0
     for ids, lab in examples:
         if len(ids) > length:
             ids, lab, cut = ids[:length], lab[:length], cut + 1
@@ -128,17 +130,22 @@ def pack(examples: list[tuple[list[int], list[int]]], length: int, pad_id: int) 
         if len(cur_ids) + len(ids) > length:
             rows_ids.append(cur_ids)
             rows_lab.append(cur_lab)
-            cur_ids, cur_lab = [], []
-        cur_ids, cur_lab = cur_ids + ids, cur_lab + lab
+            rows_pos.append(cur_pos)
+            cur_ids, cur_lab, cur_pos = [], [], []
+        cur_ids, cur_lab, cur_pos = cur_ids + ids, cur_lab + lab, cur_pos + list(range(len(ids)))
     if cur_ids:
         rows_ids.append(cur_ids)
         rows_lab.append(cur_lab)
+        rows_pos.append(cur_pos)
     ids_arr = np.full((len(rows_ids), length), pad_id, dtype=np.int64)
     lab_arr = np.full((len(rows_ids), length), -100, dtype=np.int64)
-    for r, (i, lab) in enumerate(zip(rows_ids, rows_lab)):
+    pos_arr = np.tile(np.arange(length, dtype=np.int64), (len(rows_ids), 1))
+    for r, (i, lab, pos) in enumerate(zip(rows_ids, rows_lab, rows_pos)):
         ids_arr[r, :len(i)] = i
         lab_arr[r, :len(lab)] = lab
-    return ids_arr, lab_arr, cut
+        pos_arr[r, :len(pos)] = pos
+        pos_arr[r, len(pos):] -= len(pos)  # the padding counts from 0 too: a separate "example"
+    return ids_arr, lab_arr, pos_arr, cut
 
 
 def split_examples(n: int, val_fraction: float, seed: int) -> np.ndarray:
@@ -162,17 +169,17 @@ class SFTTask(NextTokenTask):
         pad = tok.eos_token_id if tok.eos_token_id is not None else 0
         self.splits, self.truncated = {}, 0
         for name, convs in (("train", train), ("val", val)):
-            ids, labels, cut = pack([encode(tok, m) for m in convs], block_size + 1, pad)
+            ids, labels, positions, cut = pack([encode(tok, m) for m in convs], block_size + 1, pad)
             if not len(ids):
                 raise PocketLMError(f"no {name} example keeps an assistant token within block_size {block_size}: "
                                     "raise --block-size")
-            self.splits[name] = (ids, labels)
+            self.splits[name] = (ids, labels, positions)
             self.truncated += cut
         self.examples = {"train": len(train), "val": len(val)}
 
     def batch(self, split: str, step: int, micro: int, batch_size: int, grad_accum: int, rt: Runtime,
-              seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, labels = self.splits[split]
+              seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids, labels, positions = self.splits[split]
         per_step = batch_size * grad_accum * rt.world_size
         rng = np.random.default_rng([seed, SPLIT_CODE[split], step])
         pick = rng.integers(0, len(ids), size=per_step)
@@ -180,4 +187,12 @@ class SFTTask(NextTokenTask):
         mine = pick[start:start + batch_size]
         x = torch.from_numpy(ids[mine, :-1]).to(device)
         y = torch.from_numpy(labels[mine, 1:]).to(device)
-        return x, y
+        return x, y, torch.from_numpy(positions[mine, :-1]).to(device)
+
+    def loss(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, y, pos = batch
+        return model(x, y, position_ids=pos)[1]
+
+    def logits(self, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x, y, pos = batch
+        return model(x, position_ids=pos)[0], y
