@@ -175,6 +175,9 @@ class Config:
         if layout not in LAYOUTS:
             raise ConfigError(f"model.pos_emb/norm/mlp = {'/'.join(layout)} has no Hugging Face layout to save to: "
                               "use learned/layernorm/gelu (GPT-2) or rotary/rmsnorm/swiglu (Llama)")
+        if m.pos_emb == "rotary" and (m.n_embd // m.n_head) % 2:
+            raise ConfigError(f"rotary positions rotate pairs of dimensions: the head size n_embd / n_head = "
+                              f"{m.n_embd // m.n_head} must be even; change --model.n_embd or --model.n_head")
         if not 0.0 <= m.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
         if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:

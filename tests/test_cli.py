@@ -131,6 +131,16 @@ def test_existing_run_and_incompatible_resume(tmp_path: Path, char_data: Path, c
     assert code == 0 and "trained 20 steps" in out
 
 
+def test_settings_that_cannot_run_fail_before_anything_starts(tmp_path: Path, char_data: Path, capsys) -> None:
+    err = one_line_error(capsys, "train", char_data, "--out", tmp_path / "r", "--model.pos_emb", "rotary",
+                         "--model.norm", "rmsnorm", "--model.mlp", "swiglu", "--model.n_embd", "30", "--model.n_head", "2")
+    assert "head size" in err and "even" in err
+    # checked before torchrun starts workers (each would print a traceback of the same error)
+    err = one_line_error(capsys, "train", char_data, "--out", tmp_path / "r", *TINY, "--nproc", "2",
+                         "--train.grad_accum", "3")
+    assert "multiple of --nproc" in err and not (tmp_path / "r").exists()
+
+
 def test_resume_refuses_data_of_another_tokenizer(tmp_path: Path, corpus: Path, char_data: Path, capsys) -> None:
     """Other data with the run's tokenizer resumes; a char vocabulary of the same size but other characters
     (every letter shifted) would give each embedding row another meaning, so it is refused in one line."""

@@ -223,6 +223,32 @@ def test_lora_run_end_to_end(tmp_path: Path, bpe_data: Path) -> None:
     assert json.loads((run / "best" / "config.json").read_text())["model_type"] == "llama"
 
 
+def test_the_run_config_describes_the_model_it_starts_from() -> None:
+    """config.yaml (read by compare and the model card) records the source's layout and shape; the default
+    window shrinks to a shorter pretrained context, an asked-for longer one is refused."""
+    import transformers
+
+    from pocketlm import config as configlib
+    from pocketlm.finetune.hf import HFModel
+    from pocketlm.finetune.run import fit_config
+    from pocketlm.model import GPT, GPTConfig
+
+    llama = dict(pos_emb="rotary", norm="rmsnorm", mlp="swiglu", bias=False)
+    cfg = configlib.load()
+    fit_config(cfg, GPT(GPTConfig(vocab_size=40, block_size=64, n_layer=2, n_head=2, n_embd=16, **llama)))
+    m = cfg.model
+    assert (m.pos_emb, m.norm, m.mlp, m.bias, m.n_layer, m.n_embd, m.block_size) == \
+        ("rotary", "rmsnorm", "swiglu", False, 2, 16, 64)
+    cfg = configlib.load()
+    fit_config(cfg, HFModel(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_hidden_layers=3, num_attention_heads=2, hidden_size=16, intermediate_size=32,
+        max_position_embeddings=512, vocab_size=40))))
+    assert (cfg.model.pos_emb, cfg.model.n_layer, cfg.model.block_size) == ("rotary", 3, 256)
+    cfg = configlib.load(overrides={"model.block_size": 128})
+    with pytest.raises(PocketLMError, match="exceeds the pretrained model's context of 64"):
+        fit_config(cfg, GPT(GPTConfig(vocab_size=40, block_size=64, n_layer=2, n_head=2, n_embd=16)))
+
+
 @pytest.mark.parametrize("layout", [{}, {"pos_emb": "rotary", "norm": "rmsnorm", "mlp": "swiglu"}],
                          ids=["gpt2", "llama"])
 def test_freeze_layers_of_pocketlm_models(layout: dict) -> None:

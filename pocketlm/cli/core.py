@@ -107,9 +107,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise PocketLMError(f"--nproc must be at least 1, got {args.nproc}")
+    cfg = _train_config(args)  # a bad setting fails here in one line, not in every worker's traceback
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        if cfg.train.grad_accum % args.nproc:
+            raise PocketLMError(f"train.grad_accum ({cfg.train.grad_accum}) must be a multiple of --nproc "
+                                f"({args.nproc}) so the global batch stays batch_size x grad_accum")
         return launch_torchrun(args.nproc, args.max_restarts, args.argv)
-    cfg = _train_config(args)
     if not cfg.data.path:
         raise PocketLMError("no dataset given: pocketlm train DATA_DIR --out RUN_DIR")
     state = train(cfg, resume=args.resume, overwrite=args.overwrite)

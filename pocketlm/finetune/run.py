@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from pocketlm import checkpoint as ckpt
+from pocketlm import config as configlib
 from pocketlm import tokenizer as toklib
 from pocketlm.config import Config
 from pocketlm.data.prepare import Dataset
@@ -98,18 +99,28 @@ def prepare_start(cfg: Config, dataset: Dataset | None, extra_tokens: list[str] 
     return start
 
 
+# transformers families built as pocketlm's Llama layout (rotary positions, RMSNorm, SwiGLU)
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "smollm3")
+
+
 def fit_config(cfg: Config, model: torch.nn.Module) -> None:
-    """Record the model's real shape in cfg.model (written to config.yaml); the window must fit the model."""
+    """Record the model's real shape and layout in cfg.model (written to config.yaml, read by `compare` and
+    the model card); the window must fit the model (the default window shrinks to a shorter context)."""
     m = model.config
     if cfg.model.block_size > m.block_size:
-        raise PocketLMError(f"model.block_size {cfg.model.block_size} exceeds the pretrained model's context of "
-                            f"{m.block_size} tokens: lower --block-size")
+        if cfg.model.block_size != configlib.ModelConfig().block_size:
+            raise PocketLMError(f"model.block_size {cfg.model.block_size} exceeds the pretrained model's context "
+                                f"of {m.block_size} tokens: lower --block-size")
+        cfg.model.block_size = m.block_size  # not asked for: the model's own window
     cfg.model.vocab_size = m.vocab_size
     if isinstance(model, GPT):
-        cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd = m.n_layer, m.n_head, m.n_embd
-        cfg.model.bias = m.bias
+        for key in ("n_layer", "n_head", "n_embd", "bias", "pos_emb", "norm", "mlp"):
+            setattr(cfg.model, key, getattr(m, key))
         return
     hc = model.hf.config
+    if hc.model_type in LLAMA_LIKE:  # described by pocketlm's Llama layout; other families keep the defaults
+        cfg.model.pos_emb, cfg.model.norm, cfg.model.mlp = "rotary", "rmsnorm", "swiglu"
+        cfg.model.bias = bool(getattr(hc, "attention_bias", False))
     heads = getattr(hc, "num_attention_heads", None) or getattr(hc, "n_head", None)
     if m.n_layer and m.n_embd and isinstance(heads, int) and heads > 0 and m.n_embd % heads == 0:
         cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd = m.n_layer, heads, m.n_embd
