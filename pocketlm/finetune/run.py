@@ -5,6 +5,7 @@ and the target data's validation loss before and after.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -173,8 +174,12 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, task: T
         if before is None:
             before = next((r["val/loss_before"] for r in _metrics(trainer.out) if "val/loss_before" in r), None)
         shown = f"{before:.4f}" if before is not None else "?"
-        print(f"fine-tuning: val loss on the target data {shown} before -> {state.best_val:.4f} after "
-              f"(best checkpoint)", file=sys.stderr)
+        if math.isfinite(state.best_val):
+            print(f"fine-tuning: val loss on the target data {shown} before -> {state.best_val:.4f} after "
+                  f"(best checkpoint)", file=sys.stderr)
+        else:  # stopped before its first evaluation
+            print(f"fine-tuning: val loss on the target data {shown} before; no evaluation since",
+                  file=sys.stderr)
     return state
 
 
