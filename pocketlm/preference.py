@@ -12,8 +12,11 @@ of the same prompt; KTO also splits a pair into one desirable and one undesirabl
 
 The Trainer does everything else (schedule, clipping, checkpoints, metrics.jsonl); this Task supplies the
 batches, the loss and the extra metrics it logs (`metrics`), and its `BaseModelSource` the starting weights,
-the frozen reference and the tokenizer the checkpoints carry. Metrics: rewards/chosen, rewards/rejected, rewards/margin, rewards/accuracy,
-logps/chosen, logps/rejected, and, when the base model's data is at hand, lm/val_loss on it.
+the frozen reference and the tokenizer the checkpoints carry. The base is pocketlm's GPT for the folders
+pocketlm writes, and any other transformers causal LM (a GPT-2 or Llama fine-tuned with --init-from, say)
+through --init-from's loader and fine-tuning's ModelSource (`pocketlm.finetune`), which saves it with its own
+save_pretrained. Metrics: rewards/chosen, rewards/rejected, rewards/margin, rewards/accuracy, logps/chosen,
+logps/rejected, and, when the base model's data is at hand, lm/val_loss on it.
 """
 
 from __future__ import annotations
@@ -86,9 +89,17 @@ class PreferenceTask:
             raise PocketLMError(f"--beta must be > 0, got {beta}")
         self.method, self.beta = method, beta
         self.folder = ckpt.resolve(base)
-        self.model_config = ckpt.read_config(self.folder)
+        self.start = None  # a transformers model folder: the model and tokenizer, as --init-from loads them
+        if ckpt.is_pocketlm(self.folder):
+            self.model_config = ckpt.read_config(self.folder)
+            self.block_size = self.model_config.block_size
+        else:
+            from pocketlm.finetune import start as startlib
+
+            self.start = startlib.load(str(self.folder))
+            self.model_config = None
+            self.block_size = self.start.model.config.block_size  # the context its positions allow
         self.tok = toklib.load(self.folder)
-        self.block_size = self.model_config.block_size
         pairs, ratings = read_feedback(feedback)
         examples = examples_for(method, pairs, ratings)
         if method == "dpo" and not examples:
@@ -228,23 +239,49 @@ def _seq_logps(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 class BaseModelSource:
     """train.ModelSource for preference tuning: builds the policy from the base model and keeps a frozen copy
-    of it as the task's reference; checkpoints carry the base model's tokenizer (chat template included)."""
+    of it as the task's reference; checkpoints carry the base model's tokenizer (chat template included).
+    A transformers base goes through fine-tuning's source (`finetune.run.Pretrained`): save_pretrained folders."""
 
     def __init__(self, task: PreferenceTask) -> None:
         self.task = task
+        self.hf = None
+        if task.start is not None:
+            from pocketlm.finetune.run import Pretrained
+
+            self.hf = Pretrained(task.start, None)
 
     def build(self) -> torch.nn.Module:
-        model, _ = ckpt.load_model(self.task.folder, "cpu")
+        if self.hf is None:
+            model, _ = ckpt.load_model(self.task.folder, "cpu")
+        else:
+            model = _without_dropout(self.hf.build())
         self.task.ref = copy.deepcopy(model).eval().requires_grad_(False)
         self.task.policy = model.train()
         return model
 
     def save(self, model: torch.nn.Module, folder: Path, state: dict[str, torch.Tensor],
              generation: dict[str, Any]) -> None:
-        ckpt.save_model(model, folder, self.task.folder, self.task.tok.eot_id, generation, state)
+        if self.hf is not None:
+            self.hf.save(model, folder, state, generation)
+        else:
+            ckpt.save_model(model, folder, self.task.folder, self.task.tok.eot_id, generation, state)
 
     def load_state(self, folder: Path) -> dict[str, torch.Tensor]:
+        if self.hf is not None:
+            return self.hf.load_state(folder)
         return ckpt.load_model(folder, "cpu")[0].state_dict()
+
+
+def _without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Dropout off in the policy (a transformers config often sets 0.1): with it on, the policy's log-ratios
+    against the reference (always in eval mode) would carry noise even before the first step. The saved
+    config keeps its values for later fine-tuning."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0  # Llama-style attention reads a float, not a module
+    return model
 
 
 class _LMProbe:
@@ -301,10 +338,16 @@ def tune(model: str | Path, feedback: str | Path, out: str | Path, method: str =
 
     lm_data = lm_data or base_dataset(model)
     task = PreferenceTask(model, feedback, method, beta, lm_data=lm_data)
-    shape = {f"model.{k}": v for k, v in dataclasses.asdict(task.model_config).items()}
     cfg = configlib.load(preset, overrides={**TUNE_DEFAULTS, **(overrides or {}), "train.out": str(out)},
                          cli_overrides=cli_overrides)
-    configlib.apply(cfg, {**shape, "model.dropout": 0.0})  # the base model's shape, whatever the preset says
+    if task.start is None:
+        shape = {f"model.{k}": v for k, v in dataclasses.asdict(task.model_config).items()}
+        configlib.apply(cfg, {**shape, "model.dropout": 0.0})  # the base model's shape, whatever the preset says
+    else:
+        from pocketlm.finetune.run import fit_config
+
+        configlib.apply(cfg, {"model.block_size": task.block_size, "model.dropout": 0.0})
+        fit_config(cfg, task.start.model)  # the transformers model's shape, as fine-tuning records it
     cfg.data.path = str(lm_data or "")
     trainer = Trainer(cfg, task, resume=resume, overwrite=overwrite, verbose=verbose, source=task.source())
     if trainer.rt.is_main:

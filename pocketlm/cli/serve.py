@@ -138,7 +138,8 @@ def cmd_playground(args: argparse.Namespace) -> int:
 def register_tune(subs: argparse._SubParsersAction) -> dict[str, Handler]:
     t = subs.add_parser("tune", help="preference-tune a model on feedback (DPO from pairs, KTO from ratings)",
                         formatter_class=argparse.HelpFormatter)
-    t.add_argument("model", help="run folder (uses best/) or checkpoint folder to start from (and stay close to)")
+    t.add_argument("model", help="run folder (uses best/), checkpoint or transformers model folder to start from "
+                                 "(and stay close to)")
     t.add_argument("--feedback", required=True, help="JSONL from `pocketlm feedback export`")
     t.add_argument("--method", choices=["dpo", "kto"], default="dpo",
                    help="dpo: chosen/rejected pairs; kto: thumbs up/down ratings (default: dpo)")
