@@ -204,12 +204,59 @@ def test_lora_merges_into_a_plain_folder_and_keeps_the_adapter(tmp_path: Path, b
         assert (peft_model(x).logits - want).abs().max() < 1e-5
 
 
+LLAMA_LAYOUT = {"model.pos_emb": "rotary", "model.norm": "rmsnorm", "model.mlp": "swiglu"}
+
+
+@pytest.mark.parametrize("layout", [{}, LLAMA_LAYOUT], ids=["gpt2", "llama"])
+def test_lora_run_of_a_pocketlm_model_keeps_loadable_adapters(tmp_path: Path, bpe_data: Path, layout: dict) -> None:
+    """Every checkpoint of the run (best/ and last/: two saves at least) holds an adapter that peft loads on
+    the saved base model, under the base's own module names, giving the merged model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    pre = tmp_path / "pre"
+    train(tiny_config(bpe_data, pre, **{"train.max_steps": 2}, **layout), verbose=False)
+    run = tmp_path / "run"
+    saves = []
+
+    class Saves:
+        def on_checkpoint(self, step: int, folder: Path) -> None:
+            saves.append(folder.name)
+
+    train(tiny_config(bpe_data, run, **FT, **{"finetune.init_from": str(pre), "finetune.lora": True,
+                                              "finetune.lora_rank": 4, "finetune.lora_keep_adapter": True,
+                                              "finetune.lora_dropout": 0.0}),
+          callbacks=[Saves()], verbose=False)
+    assert len(saves) >= 2 and {"best", "last"} <= set(saves)
+    x = torch.randint(0, 300, (2, 12))
+    base_logits = AutoModelForCausalLM.from_pretrained(str(pre / "best")).eval()(x).logits
+    for name in ("best", "last"):
+        merged = AutoModelForCausalLM.from_pretrained(str(run / name)).eval()
+        assert type(merged).__name__ == ("LlamaForCausalLM" if layout else "GPT2LMHeadModel")
+        want = merged(x).logits
+        assert (want - base_logits).abs().max() > 1e-4  # the adapter learned something
+        adapter = run / name / "adapter"
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str(pre / "best")
+        if layout:  # named as the saved Llama model names its layers
+            assert sorted(config["target_modules"]) == sorted(
+                ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        base = AutoModelForCausalLM.from_pretrained(str(pre / "best"))
+        got = PeftModel.from_pretrained(base, str(adapter)).eval()(x).logits
+        assert (got - want).abs().max() < 1e-5
+
+
 def test_lora_errors(tmp_path: Path, bpe_data: Path) -> None:
     start = startlib.load(str(make_hf("gpt2", tmp_path / "gpt2", bpe_data)))
     with pytest.raises(PocketLMError, match="peft cannot add LoRA"):
         adapt.apply_lora(start.model, start.arch, 4, 8, 0.0, targets="ln_f")
     with pytest.raises(PocketLMError, match="no default LoRA target modules.*--lora-targets"):
         adapt.lora_targets("some_new_arch", "")
+    llama = GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16, pos_emb="rotary",
+                          norm="rmsnorm", mlp="swiglu"))
+    adapt.apply_lora(llama, "pocketlm", 4, 8, 0.0, targets="c_attn,lm_head")
+    with pytest.raises(PocketLMError, match="lm_head has no counterpart in the saved Llama model"):
+        adapt.hf_module_names(llama)  # checked before training when the adapter is to be kept
 
 
 @pytest.mark.slow

@@ -7,13 +7,16 @@ names, which is what a checkpoint saves: a normal model folder, no peft needed t
 
 from __future__ import annotations
 
+import copy
 import fnmatch
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from pocketlm import checkpoint as ckpt
 from pocketlm.errors import PocketLMError
 from pocketlm.model import GPT
 
@@ -141,15 +144,81 @@ def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+# pocketlm's Llama layout -> the HF Llama modules it is saved as (checkpoint.LLAMA_LAYER): fused layers split
+LLAMA_MODULES = {"attn.c_attn": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                 "attn.c_proj": ["self_attn.o_proj"], "mlp.c_fc": ["mlp.gate_proj", "mlp.up_proj"],
+                 "mlp.c_proj": ["mlp.down_proj"]}
+
+
+def hf_module_names(model: nn.Module) -> dict[str, list[str]]:
+    """Each adapted module -> the module(s) it is saved as in the model folder (a transformers model: itself).
+
+    pocketlm's Llama layout is saved under HF Llama names with fused layers split by rows; a LoRA on a layer
+    whose rows split into k parts is k LoRAs sharing A, with B split the same way."""
+    names = list(lora_layers(model))
+    if not (isinstance(model, GPT) and ckpt.is_llama(model.config)):
+        return {n: [n] for n in names}
+    out = {}
+    for n in names:
+        head, h, i, rest = (n.split(".", 3) + ["", "", ""])[:4]  # transformer.h.{i}.{rest}
+        if (head, h) != ("transformer", "h") or rest not in LLAMA_MODULES:
+            raise PocketLMError(f"--lora-keep-adapter: LoRA on {n} has no counterpart in the saved Llama model "
+                                f"(adaptable: {', '.join(LLAMA_MODULES)}); drop it from --lora-targets")
+        out[n] = [f"model.layers.{i}.{m}" for m in LLAMA_MODULES[rest]]
+    return out
+
+
+def _target_names(modules: list[str], everything: list[str]) -> list[str]:
+    """peft target_modules for exactly `modules`: their last names when those adapt every such layer of the
+    saved model (the usual case), else the full module names."""
+    leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    same_leaf = {m for m in everything if m.rsplit(".", 1)[-1] in leaves}
+    return leaves if same_leaf == set(modules) else sorted(modules)
+
+
 def save_adapter(model: nn.Module, config: Any, folder: Path, base: str) -> None:
     """A standard peft adapter folder (adapter_config.json + adapter_model.safetensors) that
-    `peft.PeftModel.from_pretrained(base_model, folder)` loads."""
+    `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)` loads.
+
+    The run's LoraConfig is never changed: peft reads `base_model_name_or_path` from it on the next save and
+    then loads the base's config through the model's config class, which pocketlm's GPTConfig is not."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    state = get_peft_model_state_dict(inner(model), adapter_name=ADAPTER)
-    save_file({f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in state.items()},
-              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config.base_model_name_or_path = base
-    config.save_pretrained(str(folder))
+    # embeddings are frozen under LoRA; a transformers model's go into the adapter only when tokens were added
+    # to the base vocabulary (peft's own "auto" rule, decided here the same way on every save)
+    resized = not isinstance(model, GPT) and _base_vocab(base) not in (None, model.hf.config.vocab_size)
+    state = get_peft_model_state_dict(inner(model), adapter_name=ADAPTER, save_embedding_layers=resized)
+    mapping = hf_module_names(model)
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        mod, sep, leaf = k.partition(".lora_")
+        names = mapping.get(mod, [mod]) if sep else [k]
+        # lora_A (r, in) is shared by the parts; lora_B (out, r) splits along its rows like the base weight
+        parts = v.chunk(len(names), dim=0) if leaf.startswith("B.") else [v] * len(names)
+        for n, t in zip(names, parts):
+            out[f"base_model.model.{n}{sep}{leaf}" if sep else f"base_model.model.{n}"] = \
+                t.detach().cpu().clone()  # shared A: a copy per module (safetensors stores no aliases)
+    save_file(out, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    saved = copy.deepcopy(config)
+    saved.base_model_name_or_path = base
+    if isinstance(model, GPT) and ckpt.is_llama(model.config):
+        every = [f"model.layers.{i}.{m}" for i in range(model.config.n_layer) for ms in LLAMA_MODULES.values()
+                 for m in ms]
+        saved.target_modules = _target_names([m for ms in mapping.values() for m in ms], every)
+    elif isinstance(model, GPT):
+        saved.fan_in_fan_out = True  # saved as transformers' GPT-2, whose Conv1D stores (in, out)
+    saved.save_pretrained(str(folder))
+
+
+def _base_vocab(base: str) -> int | None:
+    """The base model's vocabulary size from its config (a local folder or a Hub model in the local cache)."""
+    try:
+        if (Path(base) / "config.json").is_file():
+            return int(json.loads((Path(base) / "config.json").read_text())["vocab_size"])
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(base, local_files_only=True).vocab_size)
+    except Exception:  # unreadable or not cached: as peft does, assume the vocabulary was kept
+        return None

@@ -157,6 +157,8 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, task: T
     if ft.lora:
         lora = adapt.apply_lora(start.model, start.arch, ft.lora_rank, ft.lora_alpha, ft.lora_dropout,
                                 ft.lora_targets)
+        if ft.lora_keep_adapter:
+            adapt.hf_module_names(start.model)  # every adapter must have a place in the saved model's names
     trainable = sum(p.numel() for p in start.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in start.model.parameters())
     if verbose:
