@@ -111,3 +111,20 @@ def test_kto_on_a_transformers_folder(hf_run: Path, tmp_path: Path) -> None:
     log = rows(out)
     assert "kl" in log[0] and log[-1]["val/rewards/margin"] > 0
     check_saved_folder(out, hf_run, fb, "kto", kind)
+
+
+def test_resume_continues_as_one_run(hf_run: Path, tmp_path: Path) -> None:
+    """--resume reloads the save_pretrained checkpoint (and the optimizer): the same weights as one run."""
+    from safetensors.torch import load_file
+
+    fb = tmp_path / "feedback.jsonl"
+    synthetic_feedback(fb, 20)
+    args = ["tune", str(hf_run), "--feedback", str(fb), "--beta", "2", "--lr", "5e-4", "--train.eval_interval", "4"]
+    assert main([*args, "--out", str(tmp_path / "one"), "--max-steps", "8"]) == 0
+    assert main([*args, "--out", str(tmp_path / "two"), "--max-steps", "4"]) == 0
+    assert main([*args, "--out", str(tmp_path / "two"), "--max-steps", "8", "--resume"]) == 0
+    one, two = (load_file(str(tmp_path / r / "last" / "model.safetensors")) for r in ("one", "two"))
+    base = load_file(str(hf_run / "best" / "model.safetensors"))
+    assert one.keys() == two.keys() == base.keys()
+    assert any(not torch.equal(one[k], base[k]) for k in one)  # it trained...
+    assert all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)  # ...and resumed where it stopped
