@@ -252,7 +252,7 @@ class BaseModelSource:
 
     def build(self) -> torch.nn.Module:
         if self.hf is None:
-            model, _ = ckpt.load_model(self.task.folder, "cpu")
+            model = _without_dropout(ckpt.load_model(self.task.folder, "cpu")[0])
         else:
             model = _without_dropout(self.hf.build())
         self.task.ref = copy.deepcopy(model).eval().requires_grad_(False)
@@ -273,14 +273,15 @@ class BaseModelSource:
 
 
 def _without_dropout(model: torch.nn.Module) -> torch.nn.Module:
-    """Dropout off in the policy (a transformers config often sets 0.1): with it on, the policy's log-ratios
-    against the reference (always in eval mode) would carry noise even before the first step. The saved
-    config keeps its values for later fine-tuning."""
+    """Dropout off in the policy (a transformers config often sets 0.1, a pocketlm run may have trained with
+    it): with it on, the policy's log-ratios against the reference (always in eval mode) would carry noise
+    even before the first step. The saved config keeps its values for later fine-tuning."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-        if isinstance(getattr(m, "attention_dropout", None), float):
-            m.attention_dropout = 0.0  # Llama-style attention reads a float, not a module
+        for attr in ("attention_dropout", "dropout"):  # attention that reads a float, not a module
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
     return model
 
 

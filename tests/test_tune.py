@@ -122,3 +122,19 @@ def test_feedback_formats_and_errors(base: Path, tmp_path: Path) -> None:
     with pytest.raises(PocketLMError, match="both thumbs-up and thumbs-down"):
         PreferenceTask(base, only_ratings, "kto")
     assert main(["tune", str(base), "--feedback", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_the_policy_runs_without_dropout() -> None:
+    """A base model trained with dropout: the policy must not drop (its reference never does), else the
+    log-ratios are noise before the first step. pocketlm's attention reads a float, not a module."""
+    import torch
+
+    from pocketlm.model import GPT, GPTConfig
+    from pocketlm.preference import _without_dropout
+
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=30, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.3)).train()
+    x = torch.randint(0, 30, (2, 16))
+    assert not torch.equal(m(x)[0], m(x)[0])
+    _without_dropout(m)
+    assert torch.equal(m(x)[0], m(x)[0]) and m.config.dropout == 0.3  # the saved config keeps its value
