@@ -99,6 +99,9 @@ class HFModel(nn.Module):
         hf_state = None
         if state is not None:
             hf_state = {k.removeprefix(HF_PREFIX): v for k, v in state.items()}
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a bar per checkpoint would break pocketlm's own progress line
         self.hf.save_pretrained(str(folder), state_dict=hf_state)
 
 
