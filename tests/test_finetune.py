@@ -379,3 +379,50 @@ def test_resume_a_transformers_finetune_exactly(tmp_path: Path, bpe_data: Path) 
     train(tiny_config(bpe_data, part, **over), resume=True, verbose=False)
     losses = [{r["step"]: r["train/loss"] for r in rows(run) if "train/loss" in r} for run in (full, part)]
     assert losses[0] == losses[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["pocketlm", "gpt2"])
+def test_resume_an_interrupted_lora_run_exactly(tmp_path: Path, bpe_data: Path, capsys, kind: str) -> None:
+    """Ctrl-C says "continue with --resume": a LoRA run then goes on as if never stopped (adapter dropout on,
+    so the RNG state must round-trip too), and refuses a different --init-from."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    pre = tmp_path / "pre"
+    if kind == "gpt2":  # a transformers model
+        make_hf("gpt2", pre, bpe_data)
+    else:  # pocketlm's Llama layout (its adapter is saved split into the Llama names)
+        train(tiny_config(bpe_data, pre, **{"train.max_steps": 2}, **LLAMA_LAYOUT), verbose=False)
+    over = {**FT, "finetune.init_from": str(pre), "finetune.lora": True, "finetune.lora_rank": 4,
+            "finetune.lora_dropout": 0.1, "finetune.lora_keep_adapter": True, "train.log_interval": 1}
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(tiny_config(bpe_data, full, **over), verbose=False)
+
+    class CtrlCAt4:  # between the evaluations at 3 and 6, so last/ holds a state best/ does not
+        def on_log(self, step: int, record: dict) -> None:
+            if step == 4:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    assert train(tiny_config(bpe_data, part, **over), callbacks=[CtrlCAt4()]).step == 4
+    assert "continue with --resume" in capsys.readouterr().err
+    if kind == "pocketlm":
+        other = tmp_path / "other"  # the same shape, other weights
+        train(tiny_config(bpe_data, other, **{"train.max_steps": 2, "train.seed": 7}, **LLAMA_LAYOUT),
+              verbose=False)
+        with pytest.raises(PocketLMError, match="not the model this run started from"):
+            train(tiny_config(bpe_data, part, **{**over, "finetune.init_from": str(other)}), resume=True,
+                  verbose=False)
+    else:  # a checkpoint without the adapter weights (an older pocketlm's) says what to do instead
+        lora = part / "last" / "trainer_lora.safetensors"
+        lora.rename(tmp_path / "aside")
+        with pytest.raises(PocketLMError, match="holds no LoRA weights to resume from.*--init-from"):
+            train(tiny_config(bpe_data, part, **over), resume=True, verbose=False)
+        (tmp_path / "aside").rename(lora)
+    train(tiny_config(bpe_data, part, **over), resume=True, verbose=False)
+    losses = [{r["step"]: r["train/loss"] for r in rows(run) if "train/loss" in r} for run in (full, part)]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+    for f in ("trainer_lora.safetensors", "model.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(str(full / "last" / f)), load_file(str(part / "last" / f))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f

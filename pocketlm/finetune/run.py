@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from pocketlm import checkpoint as ckpt
 from pocketlm import config as configlib
@@ -24,6 +25,13 @@ from pocketlm.finetune import start as startlib
 from pocketlm.finetune.hf import HFModel
 from pocketlm.model import GPT
 from pocketlm.train import LMTask, State, Task, Trainer
+
+
+LORA_STATE = "trainer_lora.safetensors"  # a LoRA run's adapter weights under the trained model's names
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP's DTensor -> the whole tensor
 
 
 def save_tokenizer(tok: Any, folder: Path, max_length: int | None) -> None:
@@ -53,25 +61,50 @@ class Pretrained:
     def save(self, model: torch.nn.Module, folder: Path, state: dict[str, torch.Tensor],
              generation: dict[str, Any]) -> None:
         tok = self.start.tokenizer
-        if self.lora is not None:
-            state = adapt.merged_state(model)
+        weights = adapt.merged_state(model) if self.lora is not None else state
         if isinstance(model, GPT):
             eot = tok.eos_token_id if tok is not None else self.dataset.manifest["tokenizer"]["eot_id"]
-            ckpt.save_model(model, folder, None if tok is not None else self.dataset.path, eot, generation, state)
+            ckpt.save_model(model, folder, None if tok is not None else self.dataset.path, eot, generation, weights)
             if tok is not None:
                 save_tokenizer(tok, folder, model.config.block_size)
                 toklib.set_max_length(folder, model.config.block_size)
         else:
-            model.save(folder, state)
+            model.save(folder, weights)
             gen_file = folder / "generation_config.json"
             gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
             gen.update({"do_sample": True, **generation})
             gen_file.write_text(json.dumps(gen, indent=2) + "\n")
             save_tokenizer(tok, folder, model.config.block_size)
+        if self.lora is not None:
+            # the merged weights cannot be split back into base and adapter exactly: --resume reads these
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items() if ".lora_" in k},
+                      str(folder / LORA_STATE), metadata={"format_version": str(ckpt.FORMAT_VERSION)})
         if self.lora is not None and self.keep_adapter:
             adapt.save_adapter(model, self.lora, folder / "adapter", self.start.source)
 
     def load_state(self, folder: Path) -> dict[str, torch.Tensor]:
+        saved = self._saved_state(folder)
+        if self.lora is None:
+            return saved
+        # LoRA: the base weights of --init-from, as at the start of the run, and the adapters as trained
+        file = folder / LORA_STATE
+        if not file.is_file():
+            raise PocketLMError(f"{folder} holds no LoRA weights to resume from (no {LORA_STATE}: saved by an "
+                                f"older pocketlm): start a new run from it with --init-from {folder}")
+        state = {k: _full(v) for k, v in self.start.model.state_dict().items()}
+        lora = load_file(str(file))
+        if set(lora) != {k for k in state if ".lora_" in k}:
+            raise PocketLMError(f"the LoRA adapters in {folder} are not this run's (other --lora-rank, "
+                                "--lora-targets or model): resume with the run's own settings")
+        state.update(lora)
+        # frozen weights outside the adapted layers were saved as they are: they must be --init-from's
+        for k, v in saved.items():
+            if k in state and not torch.equal(state[k].cpu(), v.to(state[k].dtype)):
+                raise PocketLMError(f"--init-from {self.start.source} is not the model this run started from "
+                                    f"({k} differs from {folder}): resume with the run's own --init-from")
+        return state
+
+    def _saved_state(self, folder: Path) -> dict[str, torch.Tensor]:
         if isinstance(self.start.model, GPT):
             return ckpt.load_model(folder, "cpu")[0].state_dict()
         from transformers import AutoModelForCausalLM
@@ -132,9 +165,6 @@ def finetune(cfg: Config, resume: bool = False, overwrite: bool = False, task: T
              start: startlib.Start | None = None) -> State:
     """Train from cfg.finetune.init_from (or a prepared `start`) with the one loop; report before/after loss."""
     ft = cfg.finetune
-    if resume and ft.lora:
-        raise PocketLMError("--resume is not supported for LoRA runs yet (checkpoints hold merged weights): "
-                            "start a new run from the last checkpoint with --init-from RUN/last")
     dataset = getattr(task, "dataset", None) if task is not None else Dataset(cfg.data.path)
     if start is None:
         start = prepare_start(cfg, dataset, verbose=verbose)
