@@ -172,7 +172,8 @@ def token_byte_lengths(tok: toklib.Tok) -> np.ndarray:
 
 @dataclass
 class LM:
-    """A causal LM to evaluate: a pocketlm GPT or any Hugging Face causal LM, with its tokenizer."""
+    """A causal LM to evaluate: a pocketlm GPT, or any Hugging Face causal LM behind the same interface
+    (`pocketlm.generate.load_model`'s HFModel), with its tokenizer."""
 
     model: torch.nn.Module
     tok: toklib.Tok
@@ -185,34 +186,22 @@ class LM:
         return next(self.model.parameters()).device
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "pocketlm":
-            return self.model(x)[0]
-        return self.model(input_ids=x).logits
+        return self.model(x)[0]
 
 
 def load_lm(path: str | Path, device: str = "auto") -> LM:
     """A run folder (its best/), a pocketlm checkpoint, or any Hugging Face causal LM folder."""
     from pocketlm import checkpoint as ckpt
     from pocketlm.device import pick_device
+    from pocketlm.generate import load_model
 
     dev, _ = pick_device(device)
     folder = ckpt.resolve(path)
-    hf = ckpt.read_hf_config(folder)
+    ckpt.read_hf_config(folder)  # a one-line error for a folder that holds no model
     tok = load_tokenizer(folder)
-    if "pocketlm" in hf:
-        model, folder = ckpt.load_model(folder, dev)
-        return LM(model, tok, model.config.block_size, folder, "pocketlm")
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    except Exception as e:  # unknown architecture, missing weights: transformers names it
-        raise PocketLMError(f"transformers cannot load {folder} as a causal LM: {str(e).splitlines()[0][:200]}") \
-            from None
-    model.to(dev).eval()
-    c = model.config
-    block = getattr(c, "n_positions", None) or getattr(c, "max_position_embeddings", None) or 1024
-    return LM(model, tok, int(block), folder, "transformers")
+    kind = "pocketlm" if ckpt.is_pocketlm(folder) else "transformers"
+    model, folder = load_model(folder, dev)  # the loader `pocketlm generate` uses: the same model, the same engine
+    return LM(model.eval(), tok, int(model.config.block_size), folder, kind)
 
 
 def load_tokenizer(folder: Path) -> toklib.Tok:
@@ -315,7 +304,7 @@ def _null():
 def _vocab_size(lm: LM) -> int:
     if lm.kind == "pocketlm":
         return lm.model.config.vocab_size
-    return int(lm.model.get_output_embeddings().weight.shape[0])
+    return int(lm.model.hf.get_output_embeddings().weight.shape[0])  # the head's rows (logits' width)
 
 
 def evaluate_split(lm: LM, data: str | Path, split: str = "test", k: int = 10, batch_size: int = 8,
@@ -385,45 +374,27 @@ def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
 
 
 def generate_samples(lm: LM, prompts: list[str], k: int, params: Any) -> list[dict[str, Any]]:
-    """k samples spread round-robin over the prompts: [{"prompt", "text", "tokens"}]."""
+    """k samples spread round-robin over the prompts: [{"prompt", "text", "tokens"}].
+
+    Every model kind goes through `pocketlm.generate.Engine`, as `pocketlm generate` does (its window
+    handling included: past the context it keeps the last 3/4 and prefills again), so the samples of a
+    prompt equal `pocketlm generate` with the same settings and seed (prompt i samples with seed + i)."""
     from pocketlm.generate import Engine
+    from pocketlm.model import GPT
 
     if k < 1:
         raise PocketLMError(f"--samples must be at least 1, got {k}")
+    if isinstance(lm.model, GPT):
+        lm.model.stream_layout()  # Engine.load's decoding layout: the same values, the same arithmetic
+    engine = Engine(lm.model, lm.tok)
     prompts = prompts or [""]
     counts = [k // len(prompts) + (i < k % len(prompts)) for i in range(len(prompts))]
     out: list[dict[str, Any]] = []
     for i, (prompt, n) in enumerate(zip(prompts, counts)):
         if n == 0:
             continue
-        seed = None if params.seed is None else params.seed + i
-        if lm.kind == "pocketlm":
-            p = type(params)(**{**vars(params), "seed": seed})
-            done = [(c.text, len(c.token_ids)) for c in Engine(lm.model, lm.tok).generate(prompt, p, n)]
-        else:
-            done = _hf_generate(lm, prompt, n, params, seed)
-        out += [{"prompt": prompt, "text": text, "tokens": ntok} for text, ntok in done]
-    return out
-
-
-@torch.inference_mode()
-def _hf_generate(lm: LM, prompt: str, n: int, p: Any, seed: int | None) -> list[tuple[str, int]]:
-    ids = lm.tok.encode(prompt) or ([lm.tok.eot_id] if lm.tok.eot_id is not None else [])
-    if not ids:
-        raise PocketLMError("empty prompt and the tokenizer has no end-of-text token to start from")
-    if seed is not None:
-        torch.manual_seed(seed)
-    x = torch.tensor([ids] * n, device=lm.device)
-    sample = p.temperature > 0
-    extra = {"temperature": p.temperature, "top_k": p.top_k or None, "top_p": p.top_p} if sample else {}
-    y = lm.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=p.max_new_tokens, do_sample=sample,
-                          repetition_penalty=p.repetition_penalty, pad_token_id=lm.tok.eot_id,
-                          eos_token_id=lm.tok.eot_id, **extra)
-    out = []
-    for row in y[:, len(ids):].tolist():
-        if lm.tok.eot_id in row:
-            row = row[:row.index(lm.tok.eot_id)]
-        out.append((lm.tok.decode(row), len(row)))
+        p = type(params)(**{**vars(params), "seed": None if params.seed is None else params.seed + i})
+        out += [{"prompt": prompt, "text": c.text, "tokens": len(c.token_ids)} for c in engine.generate(prompt, p, n)]
     return out
 
 

@@ -238,3 +238,61 @@ def test_bad_inputs_give_one_line_errors(trained: tuple[Path, Path], tmp_path: P
         ev.evaluate_split(lm, tmp_path, "val")
     with pytest.raises(PocketLMError, match="not a model folder"):
         ev.load_lm(tmp_path, "cpu")
+
+
+# ---- samples: every model kind through the engine ---------------------------------------------------------
+
+def transformers_folder(kind: str, folder: Path, tokenizer_dir: Path) -> Path:
+    """A stock transformers model (context 64) with a pocketlm tokenizer: what `pocketlm eval` gets from elsewhere."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    vocab = toklib.load(tokenizer_dir).vocab_size
+    torch.manual_seed(0)
+    if kind == "gpt2":  # learned positions: nothing past position 63 exists
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=vocab))
+    else:  # rotary positions: runs past the window, into positions it was never meant for
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64))
+    model.save_pretrained(str(folder))
+    toklib.copy_files(tokenizer_dir, folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["pocketlm", "gpt2", "llama"])
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_samples_past_the_context_equal_the_engine(trained: tuple[Path, Path], tmp_path: Path, kind: str,
+                                                   temperature: float) -> None:
+    """eval's samples are `pocketlm generate`'s (the Engine: window refills past the context), token for token."""
+    from pocketlm.generate import Engine, SamplingParams
+
+    data, run = trained
+    folder = run if kind == "pocketlm" else transformers_folder(kind, tmp_path / kind, data)
+    lm = ev.load_lm(folder, "cpu")
+    assert lm.kind == ("pocketlm" if kind == "pocketlm" else "transformers")
+    p = SamplingParams(max_new_tokens=150, temperature=temperature, top_k=20, seed=5, stop_at_eot=False)
+    assert p.max_new_tokens > 2 * lm.block_size  # the window fills and is refilled
+    samples = ev.generate_samples(lm, ["the cat", "a dog"], 3, p)
+    engine = Engine.load(folder, "cpu")
+    want = [("the cat", c) for c in engine.generate("the cat", SamplingParams(**{**vars(p), "seed": 5}), 2)] + \
+           [("a dog", c) for c in engine.generate("a dog", SamplingParams(**{**vars(p), "seed": 6}), 1)]
+    assert [(s["prompt"], s["text"], s["tokens"]) for s in samples] == \
+           [(prompt, c.text, len(c.token_ids)) for prompt, c in want]
+    assert all(s["tokens"] == 150 for s in samples)
+
+
+def test_eval_takes_generates_sampling_flags(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """`pocketlm eval --samples` takes `generate`'s flags (--seed too) and gives `generate`'s samples."""
+    from pocketlm.cli import main
+    from pocketlm.generate import Engine, SamplingParams
+
+    data, _ = trained
+    folder = transformers_folder("gpt2", tmp_path / "gpt2", data)
+    report = tmp_path / "r.md"
+    assert main(["eval", str(folder), "--samples", "2", "--seed", "7", "--temperature", "1.5", "--top-k", "0",
+                 "--max-new-tokens", "100", "--prompt", "the", "--report", str(report), "--quiet"]) == 0
+    md = report.read_text()
+    assert "seed 7" in md and "temperature 1.5" in md
+    want = Engine.load(folder, "cpu").generate("the", SamplingParams(max_new_tokens=100, temperature=1.5, seed=7), 2)
+    for c in want:
+        assert f"```text\nthe{c.text}\n```" in md
+    assert len({c.text for c in want}) == 2  # two different samples, both in the report

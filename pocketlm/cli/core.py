@@ -49,9 +49,16 @@ def register(subs: argparse._SubParsersAction) -> dict[str, Handler]:
     g = subs.add_parser("generate", help="sample text from a run or checkpoint folder", formatter_class=fmt)
     g.add_argument("model", help="run folder (uses best/) or checkpoint folder")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
-    g.add_argument("--seed", type=int, default=argparse.SUPPRESS, dest="sample.seed", help="sampling seed")
-    add_config_flags(g, ["sample"])
+    add_sampling_flags(g)
     return {"quickstart": cmd_quickstart, "prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate}
+
+
+def add_sampling_flags(p: argparse.ArgumentParser, skip: set[str] = frozenset(),
+                       seed_help: str = "sampling seed") -> None:
+    """The sampling flags of every command that generates (generate, eval --samples, chat, serve): the
+    sample.* config flags and their aliases, plus --seed. Declared once so that they cannot drift apart."""
+    p.add_argument("--seed", type=int, default=argparse.SUPPRESS, dest="sample.seed", help=seed_help)
+    add_config_flags(p, ["sample"], skip=skip)
 
 
 # ---- commands -----------------------------------------------------------------------------------------

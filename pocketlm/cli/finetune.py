@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pocketlm import config as configlib
 from pocketlm.cli import Handler, add_config_flags, config_overrides
+from pocketlm.cli.core import add_sampling_flags
 
 
 def register(subs: argparse._SubParsersAction) -> dict[str, Handler]:
@@ -30,8 +31,7 @@ def register(subs: argparse._SubParsersAction) -> dict[str, Handler]:
     c.add_argument("model", help="run folder (uses best/) or model folder with a chat template")
     c.add_argument("--system", default="", help="system message to start with (change it with /system TEXT)")
     c.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
-    c.add_argument("--seed", type=int, default=argparse.SUPPRESS, dest="sample.seed", help="sampling seed")
-    add_config_flags(c, ["sample"], skip={"sample.prompt", "sample.num_samples"})
+    add_sampling_flags(c, skip={"sample.prompt", "sample.num_samples"})
     return {"sft": cmd_sft, "chat": cmd_chat}
 
 

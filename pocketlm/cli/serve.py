@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from pocketlm.cli import Handler, add_config_flags, config_overrides
+from pocketlm.cli.core import add_sampling_flags
 from pocketlm.errors import PocketLMError
 
 DB_HELP = ("feedback database (default: $POCKETLM_FEEDBACK_DB, else $XDG_DATA_HOME/pocketlm/feedback.db, "
@@ -38,8 +39,7 @@ def register(subs: argparse._SubParsersAction) -> dict[str, Handler]:
     p.add_argument("model", help="run folder (uses best/) or checkpoint folder")
     p.add_argument("--db", help=DB_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
-    p.add_argument("--seed", type=int, default=argparse.SUPPRESS, dest="sample.seed", help="first sampling seed")
-    add_config_flags(p, ["sample"], skip={"sample.prompt", "sample.num_samples"})
+    add_sampling_flags(p, skip={"sample.prompt", "sample.num_samples"}, seed_help="first sampling seed")
 
     f = subs.add_parser("feedback", help="export collected ratings and comparisons", formatter_class=fmt)
     fsubs = f.add_subparsers(dest="feedback_command", metavar="ACTION", parser_class=type(f))

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pocketlm.cli import Handler, add_config_flags, config_overrides
+from pocketlm.cli import Handler, config_overrides
+from pocketlm.cli.core import add_sampling_flags
 from pocketlm.errors import PocketLMError
 
 
@@ -33,7 +34,7 @@ def register(subs: argparse._SubParsersAction) -> dict[str, Handler]:
                    help="dataset whose train split the samples are checked against (default: the run's dataset)")
     e.add_argument("--report", metavar="FILE", help="write the samples' Markdown report here (default: stdout)")
     e.add_argument("--quiet", action="store_true", help="no progress output")
-    add_config_flags(e, ["sample"], skip={"sample.num_samples"})
+    add_sampling_flags(e, skip={"sample.num_samples"})  # generate's flags; --samples K is the count
 
     c = subs.add_parser("compare", help="runs side by side: final/best metrics, config and data differences, curves")
     c.add_argument("runs", nargs="+", help="run folders")
