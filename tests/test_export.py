@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,6 +99,61 @@ def test_onnx_llama_layout(tmp_path: Path) -> None:
         (folder / f).write_bytes((tmp_path / "gpt" / f).read_bytes())
     v = exp.export(folder, "onnx", tmp_path / "out", verbose=False)["variants"]["fp32"]
     assert v["max_abs_diff"] <= 1e-4 and v["greedy_identical"]
+
+
+def stock_gpt2(folder: Path, tmp_path: Path) -> Path:
+    """A transformers GPT-2 as `GPT2Config` makes it: dropouts 0.1 (pocketlm's own folders say 0)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    save_tiny(tmp_path / "tiny")  # for its tokenizer
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=17)
+    assert cfg.attn_pdrop == cfg.resid_pdrop == cfg.embd_pdrop == 0.1
+    torch.manual_seed(0)
+    GPT2LMHeadModel(cfg).save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / f).write_bytes((tmp_path / "tiny" / f).read_bytes())
+    return folder
+
+
+@pytest.mark.slow
+def test_onnx_check_of_a_model_with_dropout(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The PyTorch reference runs in eval mode (the exporter hands the model back as it got it): a stock GPT-2
+    config with dropout agrees with its export, fp32 to float rounding, int8 on every greedy step."""
+    from pocketlm.cli import main
+    from pocketlm.export import onnx as ox
+
+    folder = stock_gpt2(tmp_path / "gpt2", tmp_path)
+    model = ox.load_torch(folder)
+    ox.export_decoder(model, tmp_path / "m.onnx")
+    assert not any(m.training for m in model.modules())  # as it came in
+    assert main(["export", str(folder), "--format", "onnx", "--quantize", "int8", "--out", str(tmp_path / "o"),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    fp32, q8 = report["variants"]["fp32"], report["variants"]["q8"]
+    assert fp32["max_abs_diff"] <= 1e-5 and fp32["argmax_agree"] == 200 and fp32["greedy_identical"]
+    assert 0 < q8["max_abs_diff"] < 0.1 and q8["argmax_agree"] >= 190
+
+
+@pytest.mark.slow
+def test_onnx_export_that_differs_from_pytorch_fails(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fp32 export that does not compute the model's function is an error (exit 2, one line), and no folder."""
+    from pocketlm.cli import main
+    from pocketlm.export import onnx as ox
+
+    save_tiny(tmp_path / "ckpt")
+    real = ox.reference
+
+    def shifted(model, prompt, n=ox.CHECK_TOKENS):  # noqa: ANN001, ANN202 - a reference one logit off
+        ids, logits = real(model, prompt, n)
+        return ids, [x + np.eye(len(x), dtype=x.dtype)[1] * 0.05 for x in logits]
+
+    monkeypatch.setattr(ox, "reference", shifted)
+    assert main(["export", str(tmp_path / "ckpt"), "--format", "onnx", "--out", str(tmp_path / "o")]) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("pocketlm export: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "does not compute what the model does" in errors[0]
+    err = errors[0]
+    assert "5.00e-02" in err and not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow

@@ -38,6 +38,12 @@ VARIANT_FILES = {None: "model.onnx", "int8": "model_quantized.onnx", "fp16": "mo
 JS_DTYPES = {None: "fp32", "int8": "q8", "fp16": "fp16", "q4": "q4"}  # transformers.js `dtype` per variant
 CHECK_TOKENS = 200
 CHECK_PROMPT = "\n"
+# fp32 computes the model's own function: ONNX Runtime and PyTorch differ only in the order of float32
+# operations (~1e-6 of the logits' scale even through many layers). A difference above this share of the
+# scale is a wrong graph (a mask, a position, dropout left on), so the export fails instead of shipping it.
+# Quantized variants (int8, fp16, q4) are derived from that checked graph and differ by their rounding
+# (int8 ~1e-2, q4 ~5e-2 on a tiny model): they are measured and reported, not failed.
+FP32_TOLERANCE = 1e-4
 
 
 def _require() -> None:
@@ -123,7 +129,11 @@ def export_decoder(model: torch.nn.Module, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes we keep dynamic
-        torch.onnx.export(_Decoder(model, n_layer), (ids, mask, pos, *past), str(path), input_names=inputs,
+        # torch.onnx.export traces in eval mode, then sets the module it was given (and so every module under
+        # it) back to that module's mode: a wrapper left in train mode would hand the model back in train mode,
+        # with dropout on in the PyTorch reference the export is checked against
+        wrapper = _Decoder(model, n_layer).train(model.training)
+        torch.onnx.export(wrapper, (ids, mask, pos, *past), str(path), input_names=inputs,
                           output_names=outputs, dynamic_axes=axes, opset_version=OPSET, dynamo=False)
 
 
@@ -332,7 +342,12 @@ def decode(step: OrtDecoder | TorchDecoder, prompt: list[int], n: int, window: i
 def reference(model: torch.nn.Module, prompt: list[int], n: int = CHECK_TOKENS) -> tuple[list[int], list[np.ndarray]]:
     """PyTorch's greedy continuation and the logits at every step."""
     logits: list[np.ndarray] = []
-    ids = decode(TorchDecoder(model), prompt, n, context_length(model), on_logits=logits.append)
+    was = model.training
+    model.eval()  # dropout off: the reference is the model's deterministic function, as the export computes it
+    try:
+        ids = decode(TorchDecoder(model), prompt, n, context_length(model), on_logits=logits.append)
+    finally:
+        model.train(was)
     return ids, logits
 
 
@@ -359,6 +374,18 @@ def check(model: torch.nn.Module, onnx_path: Path, prompt: list[int], n: int = C
     first_diff = next((i for i, (a, b) in enumerate(zip(own, ref_ids)) if a != b), None)
     return {"tokens": n, "max_abs_diff": max(diffs), "argmax_agree": agree, "greedy_identical": own == ref_ids,
             "greedy_same_prefix": n if first_diff is None else first_diff, "greedy_ids": own}
+
+
+def verify_fp32(res: dict[str, Any], ref: tuple[list[int], list[np.ndarray]], folder: Path) -> None:
+    """The fp32 export must compute what PyTorch does (FP32_TOLERANCE of the logits' scale), or fail."""
+    scale = max(1.0, max(float(np.abs(x).max()) for x in ref[1]))
+    allowed = FP32_TOLERANCE * scale
+    if not res["max_abs_diff"] <= allowed:  # NaN fails too
+        raise PocketLMError(f"the fp32 ONNX export of {folder} does not compute what the model does in PyTorch: "
+                            f"max |logits - PyTorch| {res['max_abs_diff']:.2e} > {allowed:.1e} ({FP32_TOLERANCE:g} of "
+                            f"the logits' scale {scale:.3g}), argmax agrees {res['argmax_agree']}/{res['tokens']}; "
+                            "nothing was written: this architecture variant does not export correctly, please "
+                            "report it")
 
 
 # ---- the command ------------------------------------------------------------------------------------------
@@ -403,6 +430,8 @@ def build(folder: Path, out: Path, quantize_kind: str | None, verbose: bool = Tr
             raise PocketLMError(f"onnxruntime cannot run the {v or 'fp32'} export: {str(e).splitlines()[0][:200]}"
                                 f"; try another --quantize") from None
         res.pop("greedy_ids")
+        if v is None:
+            verify_fp32(res, ref, folder)
         report["variants"][JS_DTYPES[v]] = {"file": f"onnx/{path.name}", "bytes": path.stat().st_size, **res}
     if not keep_fp32 and quantize_kind:
         fp32.unlink()
