@@ -207,10 +207,13 @@ def test_lora_merges_into_a_plain_folder_and_keeps_the_adapter(tmp_path: Path, b
 LLAMA_LAYOUT = {"model.pos_emb": "rotary", "model.norm": "rmsnorm", "model.mlp": "swiglu"}
 
 
-@pytest.mark.parametrize("layout", [{}, LLAMA_LAYOUT], ids=["gpt2", "llama"])
-def test_lora_run_of_a_pocketlm_model_keeps_loadable_adapters(tmp_path: Path, bpe_data: Path, layout: dict) -> None:
+@pytest.mark.parametrize("layout,new_token", [({}, False), (LLAMA_LAYOUT, False), (LLAMA_LAYOUT, True)],
+                         ids=["gpt2", "llama", "llama-new-token"])
+def test_lora_run_of_a_pocketlm_model_keeps_loadable_adapters(tmp_path: Path, bpe_data: Path, layout: dict,
+                                                              new_token: bool) -> None:
     """Every checkpoint of the run (best/ and last/: two saves at least) holds an adapter that peft loads on
-    the saved base model, under the base's own module names, giving the merged model's logits."""
+    the saved base model, under the base's own module names, giving the merged model's logits (with a token
+    added, the adapter carries the grown embeddings, for a base resized to the new vocabulary)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -225,16 +228,19 @@ def test_lora_run_of_a_pocketlm_model_keeps_loadable_adapters(tmp_path: Path, bp
 
     train(tiny_config(bpe_data, run, **FT, **{"finetune.init_from": str(pre), "finetune.lora": True,
                                               "finetune.lora_rank": 4, "finetune.lora_keep_adapter": True,
-                                              "finetune.lora_dropout": 0.0}),
+                                              "finetune.lora_dropout": 0.0,
+                                              "finetune.add_special_tokens": ["<|x|>"] if new_token else []}),
           callbacks=[Saves()], verbose=False)
     assert len(saves) >= 2 and {"best", "last"} <= set(saves)
     x = torch.randint(0, 300, (2, 12))
-    base_logits = AutoModelForCausalLM.from_pretrained(str(pre / "best")).eval()(x).logits
+    x[0, 3] = 300 if new_token else 0
+    base_logits = AutoModelForCausalLM.from_pretrained(str(pre / "best")).eval()(x[1:]).logits
     for name in ("best", "last"):
         merged = AutoModelForCausalLM.from_pretrained(str(run / name)).eval()
         assert type(merged).__name__ == ("LlamaForCausalLM" if layout else "GPT2LMHeadModel")
+        assert merged.config.vocab_size == 300 + new_token
         want = merged(x).logits
-        assert (want - base_logits).abs().max() > 1e-4  # the adapter learned something
+        assert (want[1:, :, :300] - base_logits).abs().max() > 1e-4  # the adapter learned something
         adapter = run / name / "adapter"
         config = json.loads((adapter / "adapter_config.json").read_text())
         assert config["base_model_name_or_path"] == str(pre / "best")
@@ -242,6 +248,7 @@ def test_lora_run_of_a_pocketlm_model_keeps_loadable_adapters(tmp_path: Path, bp
             assert sorted(config["target_modules"]) == sorted(
                 ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
         base = AutoModelForCausalLM.from_pretrained(str(pre / "best"))
+        base.resize_token_embeddings(merged.config.vocab_size, mean_resizing=False)  # the rows come from the adapter
         got = PeftModel.from_pretrained(base, str(adapter)).eval()(x).logits
         assert (got - want).abs().max() < 1e-5
 

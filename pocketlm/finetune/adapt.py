@@ -200,6 +200,12 @@ def save_adapter(model: nn.Module, config: Any, folder: Path, base: str) -> None
         for n, t in zip(names, parts):
             out[f"base_model.model.{n}{sep}{leaf}" if sep else f"base_model.model.{n}"] = \
                 t.detach().cpu().clone()  # shared A: a copy per module (safetensors stores no aliases)
+    if isinstance(model, GPT) and _base_vocab(base) not in (None, model.config.vocab_size):
+        # tokens were added (peft saves a resized transformers model's embeddings the same way): the rows go
+        # with the adapter, under the saved model's names, for a base resized to the new vocabulary
+        wte = model.transformer.wte.weight.detach().cpu()
+        emb = "model.embed_tokens" if ckpt.is_llama(model.config) else "transformer.wte"
+        out |= {f"base_model.model.{n}.weight": wte.clone() for n in (emb, "lm_head")}  # lm_head is tied
     save_file(out, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     saved = copy.deepcopy(config)
     saved.base_model_name_or_path = base
