@@ -251,8 +251,9 @@ def transformers_folder(kind: str, folder: Path, tokenizer_dir: Path) -> Path:
     if kind == "gpt2":  # learned positions: nothing past position 63 exists
         model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=vocab))
     else:  # rotary positions: runs past the window, into positions it was never meant for
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64))
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                             max_position_embeddings=64))
     model.save_pretrained(str(folder))
     toklib.copy_files(tokenizer_dir, folder)
     return folder

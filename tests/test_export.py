@@ -46,6 +46,40 @@ def test_hf_folder_and_model_card(run: Path, tmp_path: Path) -> None:
     assert "| n_layer | 2 |" in card and "| best val/loss | 2.1 |" in card and "| final val/loss | 2.3 |" in card
     assert "## Intended use" in card and "from_pretrained" in card and "corpus.txt" in card
     assert report["parameters"] == sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(out).parameters())
+    assert "trained from scratch" in card and "base_model:" not in card
+
+
+def card_of(run: Path, out: Path, overrides: dict) -> str:
+    cfg = configlib.apply(configlib.load(run / "config.yaml"), overrides)
+    configlib.save_yaml(cfg, run / "config.yaml")
+    exp.export(run, "hf", out)
+    return (out / "README.md").read_text()
+
+
+def test_model_card_says_how_the_run_made_the_model(run: Path, tmp_path: Path) -> None:
+    """Fine-tuned (--init-from), SFT and preference-tuned runs are not called "trained from scratch"."""
+    card = card_of(run, tmp_path / "ft", {"finetune.init_from": "openai-community/gpt2", "finetune.lora": True})
+    assert "base_model: openai-community/gpt2\n" in card.split("---")[1]  # Hub metadata of a fine-tune
+    assert "fine-tuned with LoRA adapters (rank 16, merged into these weights) with pocketlm from " \
+           "[openai-community/gpt2](https://huggingface.co/openai-community/gpt2) on the text described below" in card
+    assert "from scratch" not in card and "| train | " in card  # the fine-tuning data: the run's dataset
+    assert "init_from: openai-community/gpt2" in card and "val/loss_before" not in card
+
+    local = tmp_path / "runs" / "base-run"
+    card = card_of(run, tmp_path / "sft", {"finetune.init_from": str(local / "best"), "finetune.lora": False,
+                                           "data.path": ""})
+    assert "fine-tuned with pocketlm from `base-run` by supervised fine-tuning (SFT) on conversations" in card
+    assert "- sft\n" in card and "from scratch" not in card and "no instruction tuning" not in card
+    assert "base_model:" not in card and str(tmp_path) not in card  # this machine's paths stay private
+    assert "pocketlm chat path/to/this/folder" in card
+
+    (run / "tune.json").write_text(json.dumps({"format_version": 1, "method": "kto", "beta": 0.5,
+                                               "base": str(local / "best"), "examples": 40, "pairs": 0,
+                                               "ratings": 40, "lm_data": None}))
+    card = card_of(run, tmp_path / "tune", {"finetune.init_from": "", "data.path": ""})
+    assert "preference-tuned with pocketlm (KTO, beta 0.5) from `base-run` on 40 ratings of user feedback" in card
+    assert "KTO on 40 feedback examples (0 chosen/rejected pairs, 40 thumbs up/down ratings)" in card
+    assert "- kto\n" in card and "from scratch" not in card and "val/loss is the KTO loss" in card
 
 
 @pytest.mark.slow
