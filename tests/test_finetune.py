@@ -261,9 +261,11 @@ def test_lora_errors(tmp_path: Path, bpe_data: Path) -> None:
         adapt.lora_targets("some_new_arch", "")
     llama = GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16, pos_emb="rotary",
                           norm="rmsnorm", mlp="swiglu"))
-    adapt.apply_lora(llama, "pocketlm", 4, 8, 0.0, targets="c_attn,lm_head")
-    with pytest.raises(PocketLMError, match="lm_head has no counterpart in the saved Llama model"):
-        adapt.hf_module_names(llama)  # checked before training when the adapter is to be kept
+    with pytest.raises(PocketLMError, match="LoRA on lm_head: pocketlm's GPT ties lm_head to transformer.wte"):
+        adapt.apply_lora(llama, "pocketlm", 4, 8, 0.0, targets="c_attn,lm_head")  # its delta would be lost
+    with pytest.raises(PocketLMError, match="LoRA on transformer.wte"):
+        adapt.apply_lora(GPT(GPTConfig(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=16)),
+                         "pocketlm", 4, 8, 0.0, targets="wte")
 
 
 @pytest.mark.slow

@@ -115,6 +115,10 @@ def apply_lora(model: nn.Module, arch: str, rank: int, alpha: float, dropout: fl
     except (ValueError, TypeError, RuntimeError) as e:
         raise PocketLMError(f"peft cannot add LoRA to this {arch} model (targets {','.join(names)}): "
                             f"{str(e).splitlines()[0][:200]}") from None
+    tied = [n for n in lora_layers(model) if n in ("lm_head", "transformer.wte")] if isinstance(model, GPT) else []
+    if tied:  # the saved folder holds one matrix for both: an adapter on either one cannot be merged into it
+        raise PocketLMError(f"LoRA on {tied[0]}: pocketlm's GPT ties lm_head to transformer.wte (one saved "
+                            "matrix); leave them out of --lora-targets")
     if not any(p.requires_grad for p in model.parameters()):
         raise PocketLMError(f"LoRA targets {','.join(names)} matched no layer of this {arch} model: set --lora-targets")
     return config
