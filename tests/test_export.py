@@ -71,7 +71,13 @@ def test_model_card_says_how_the_run_made_the_model(run: Path, tmp_path: Path) -
     assert "fine-tuned with pocketlm from `base-run` by supervised fine-tuning (SFT) on conversations" in card
     assert "- sft\n" in card and "from scratch" not in card and "no instruction tuning" not in card
     assert "base_model:" not in card and str(tmp_path) not in card  # this machine's paths stay private
-    assert "pocketlm chat path/to/this/folder" in card
+    assert "pocketlm chat path/to/this/folder" in card and "does not record which file" in card
+    (run / "sft.json").write_text(json.dumps({"conversations": str(tmp_path / "qa.jsonl"), "train": 36, "val": 4,
+                                              "conversations_sha256": "ab12", "truncated": 1, "block_size": 64}))
+    card = card_of(run, tmp_path / "sft2", {"finetune.init_from": str(local / "best"), "data.path": ""})
+    assert "- file: `qa.jsonl` (sha256 `ab12`)" in card and "36 for training, 4 held out" in card
+    assert str(tmp_path) not in card
+    (run / "sft.json").unlink()
 
     (run / "tune.json").write_text(json.dumps({"format_version": 1, "method": "kto", "beta": 0.5,
                                                "base": str(local / "best"), "examples": 40, "pairs": 0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -142,6 +143,9 @@ def test_sft_run_template_roundtrip_and_chat(tmp_path: Path) -> None:
                                     "train.lr": 1e-2, "data.val_fraction": 0.2})
     state = sft(cfg, data, verbose=False)
     assert state.step == 6
+    info = json.loads((run / "sft.json").read_text())  # what the run learned from, for the model card
+    assert info["conversations"] == str(data) and info["train"] + info["val"] == 28
+    assert info["conversations_sha256"] == hashlib.sha256(data.read_bytes()).hexdigest()
     rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val/loss_before" in r for r in rows)
     best = run / "best"

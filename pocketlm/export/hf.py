@@ -76,6 +76,7 @@ def gather(folder: Path) -> dict[str, Any]:
             "trainer": _read_json(folder / "trainer_state.json"), "metrics": _metrics(run),
             "generation": _read_json(folder / "generation_config.json"),
             "tune": _read_json(run / "tune.json") if run is not None else {},
+            "sft": _read_json(run / "sft.json") if run is not None else {},
             "chat_template": bool(_read_json(folder / "tokenizer_config.json").get("chat_template"))}
 
 
@@ -101,7 +102,7 @@ def origin(info: dict[str, Any]) -> dict[str, Any]:
         return {"kind": "scratch", "base": None, "hub_id": None}
     local = source.startswith("nanogpt:") or Path(source).exists() or source.startswith((".", "/", "~"))
     hub_id = source if not local and HUB_ID.match(source) else None
-    return {"kind": "finetune" if data.get("path") else "sft",
+    return {"kind": "finetune" if data.get("path") else "sft", "sft": info.get("sft") or {},
             "base": hub_id or _short(source.removeprefix("nanogpt:")), "hub_id": hub_id,
             "lora": bool(ft.get("lora")), "lora_rank": ft.get("lora_rank"), "freeze": ft.get("freeze_layers") or ""}
 
@@ -164,9 +165,16 @@ def _data_section(o: dict[str, Any], m: dict[str, Any]) -> list[str]:
             return lines
         lines += ["The language-modelling loss was watched on the base model's dataset:", ""]
     if o["kind"] == "sft":
-        return ["Supervised fine-tuning on a JSONL file of conversations (prompt/response or messages; the loss "
-                "is on the assistant's tokens only). The run does not record which file: describe the "
-                "conversations here before publishing."]
+        what = ("Supervised fine-tuning on a JSONL file of conversations (prompt/response or messages; the loss "
+                "is on the assistant's tokens only).")
+        sft = o.get("sft") or {}
+        if not sft.get("conversations"):
+            return [what + " The run does not record which file: describe the conversations here before publishing."]
+        return [what, "", f"- file: `{Path(sft['conversations']).name}` (sha256 `{sft.get('conversations_sha256', '?')}`)",
+                f"- conversations: {_fmt(sft.get('train') or 0)} for training, {_fmt(sft.get('val') or 0)} held out"
+                + (f" (`{Path(sft['val_conversations']).name}`)" if sft.get("val_conversations") else ""),
+                f"- packed into rows of {sft.get('block_size')} tokens; {_fmt(sft.get('truncated') or 0)} cut to fit",
+                "", "Describe where the conversations came from before publishing."]
     if not m:
         return ["No dataset manifest was found beside this checkpoint; describe the training data here "
                 "before publishing."]

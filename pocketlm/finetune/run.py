@@ -4,6 +4,7 @@ and the target data's validation loss before and after.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pocketlm import atomic
 from pocketlm import checkpoint as ckpt
 from pocketlm import config as configlib
 from pocketlm import tokenizer as toklib
@@ -249,4 +251,12 @@ def sft(cfg: Config, data: str | Path, val: str | Path | None = None, resume: bo
         print(f"pocketlm: SFT on {len(train_convs)} train / {len(val_convs)} val conversations packed into "
               f"{rows['train']} / {rows['val']} rows of {cfg.model.block_size} tokens"
               + (f"; {task.truncated} cut to fit" if task.truncated else ""), file=sys.stderr)
-    return finetune(cfg, resume, overwrite, task=task, callbacks=callbacks, verbose=verbose, start=start)
+    state = finetune(cfg, resume, overwrite, task=task, callbacks=callbacks, verbose=verbose, start=start)
+    if int(os.environ.get("RANK", 0)) == 0:  # what the run learned from (the model card reads it)
+        files = {"conversations": Path(data), **({"val_conversations": Path(val)} if val else {})}
+        info = {"format_version": 1, **{k: str(f) for k, f in files.items()},
+                **{f"{k}_sha256": hashlib.sha256(f.read_bytes()).hexdigest() for k, f in files.items()},
+                "train": len(train_convs), "val": len(val_convs), "truncated": task.truncated,
+                "rows": {k: len(v[0]) for k, v in task.splits.items()}, "block_size": cfg.model.block_size}
+        atomic.atomic_write_text(Path(cfg.train.out) / "sft.json", json.dumps(info, indent=2) + "\n")
+    return state
