@@ -56,7 +56,9 @@ class HFModel(nn.Module):
         self.hf = hf
         c = hf.config
         self.model_type = c.model_type
-        self.config = HFShape(vocab_size=hf.get_input_embeddings().weight.shape[0], block_size=context_of(c),
+        head = hf.get_output_embeddings()  # the logits' width (a model may pad its head past the input rows)
+        vocab = (head if head is not None else hf.get_input_embeddings()).weight.shape[0]
+        self.config = HFShape(vocab_size=vocab, block_size=context_of(c),
                               n_layer=getattr(c, "num_hidden_layers", 0) or getattr(c, "n_layer", 0),
                               n_embd=getattr(c, "hidden_size", 0) or getattr(c, "n_embd", 0))
 
