@@ -88,15 +88,20 @@ def test_dpo_raises_the_preferred_word_and_keeps_the_lm(base: Path, tmp_path: Pa
     assert AutoTokenizer.from_pretrained(out / "best").decode([1, 2])
 
 
-def test_kto_from_ratings_moves_the_same_way(base: Path, tmp_path: Path) -> None:
-    pairs = tmp_path / "pairs.jsonl"
-    prompts = synthetic_feedback(pairs, 40)
-    fb = tmp_path / "ratings.jsonl"  # the same preference as unpaired thumbs up / thumbs down
-    with open(fb, "w") as f:
+def ratings_from_pairs(pairs: Path, out: Path) -> Path:
+    """The same preference as unpaired thumbs up / thumbs down (KTO's input)."""
+    with open(out, "w") as f:
         for line in pairs.read_text().splitlines():
             x = json.loads(line)
             f.write(json.dumps({"prompt": x["prompt"], "completion": x["chosen"], "label": True}) + "\n")
             f.write(json.dumps({"prompt": x["prompt"], "completion": x["rejected"], "label": False}) + "\n")
+    return out
+
+
+def test_kto_from_ratings_moves_the_same_way(base: Path, tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    prompts = synthetic_feedback(pairs, 40)
+    fb = ratings_from_pairs(pairs, tmp_path / "ratings.jsonl")
     before = word_logprob(base, prompts[:10], WORD)
     out = tmp_path / "kto"
     assert main(["tune", str(base), "--feedback", str(fb), "--method", "kto", "--out", str(out),

@@ -18,7 +18,7 @@ from pocketlm.preference import PreferenceTask, _seq_logps
 from pocketlm.train import train
 from tests.conftest import make_corpus, tiny_config
 from tests.test_finetune import make_hf
-from tests.test_tune import OTHER, WORD, synthetic_feedback, word_logprob
+from tests.test_tune import OTHER, WORD, ratings_from_pairs, synthetic_feedback, word_logprob
 
 pytestmark = pytest.mark.slow  # fine-tunes a tiny transformers model, then tunes it (~10 s per family)
 
@@ -97,12 +97,7 @@ def test_kto_on_a_transformers_folder(hf_run: Path, tmp_path: Path) -> None:
     kind = json.loads((hf_run / "best" / "config.json").read_text())["model_type"]
     pairs = tmp_path / "pairs.jsonl"
     prompts = synthetic_feedback(pairs, 40)
-    fb = tmp_path / "ratings.jsonl"
-    with open(fb, "w") as f:
-        for line in pairs.read_text().splitlines():
-            x = json.loads(line)
-            f.write(json.dumps({"prompt": x["prompt"], "completion": x["chosen"], "label": True}) + "\n")
-            f.write(json.dumps({"prompt": x["prompt"], "completion": x["rejected"], "label": False}) + "\n")
+    fb = ratings_from_pairs(pairs, tmp_path / "ratings.jsonl")
     before = word_logprob(hf_run, prompts[:10], WORD)
     out = tmp_path / "kto"
     assert main(["tune", str(hf_run), "--feedback", str(fb), "--method", "kto", "--out", str(out),
