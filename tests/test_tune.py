@@ -98,15 +98,21 @@ def ratings_from_pairs(pairs: Path, out: Path) -> Path:
     return out
 
 
-def test_kto_from_ratings_moves_the_same_way(base: Path, tmp_path: Path) -> None:
+def kto_moves_the_preference(model: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """KTO on the synthetic preference given as ratings raises the preferred word; -> (run, ratings file)."""
     pairs = tmp_path / "pairs.jsonl"
     prompts = synthetic_feedback(pairs, 40)
     fb = ratings_from_pairs(pairs, tmp_path / "ratings.jsonl")
-    before = word_logprob(base, prompts[:10], WORD)
+    before = word_logprob(model, prompts[:10], WORD)
     out = tmp_path / "kto"
-    assert main(["tune", str(base), "--feedback", str(fb), "--method", "kto", "--out", str(out),
+    assert main(["tune", str(model), "--feedback", str(fb), "--method", "kto", "--out", str(out),
                  "--beta", "1", "--max-steps", "30", "--lr", "1e-3", "--train.eval_interval", "30"]) == 0
     assert word_logprob(out / "last", prompts[:10], WORD) > before + 0.5
+    return out, fb
+
+
+def test_kto_from_ratings_moves_the_same_way(base: Path, tmp_path: Path) -> None:
+    out, _ = kto_moves_the_preference(base, tmp_path)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert "kl" in rows[0] and "val/rewards/margin" in rows[-1]
 

@@ -18,7 +18,7 @@ from pocketlm.preference import PreferenceTask, _seq_logps
 from pocketlm.train import train
 from tests.conftest import make_corpus, tiny_config
 from tests.test_finetune import make_hf
-from tests.test_tune import OTHER, WORD, ratings_from_pairs, synthetic_feedback, word_logprob
+from tests.test_tune import OTHER, WORD, kto_moves_the_preference, synthetic_feedback, word_logprob
 
 pytestmark = pytest.mark.slow  # fine-tunes a tiny transformers model, then tunes it (~10 s per family)
 
@@ -95,14 +95,7 @@ def test_dpo_on_a_transformers_folder(hf_run: Path, tmp_path: Path, capsys) -> N
 
 def test_kto_on_a_transformers_folder(hf_run: Path, tmp_path: Path) -> None:
     kind = json.loads((hf_run / "best" / "config.json").read_text())["model_type"]
-    pairs = tmp_path / "pairs.jsonl"
-    prompts = synthetic_feedback(pairs, 40)
-    fb = ratings_from_pairs(pairs, tmp_path / "ratings.jsonl")
-    before = word_logprob(hf_run, prompts[:10], WORD)
-    out = tmp_path / "kto"
-    assert main(["tune", str(hf_run), "--feedback", str(fb), "--method", "kto", "--out", str(out),
-                 "--beta", "1", "--max-steps", "30", "--lr", "1e-3", "--train.eval_interval", "30"]) == 0
-    assert word_logprob(out / "last", prompts[:10], WORD) > before + 0.5
+    out, fb = kto_moves_the_preference(hf_run, tmp_path)
     log = rows(out)
     assert "kl" in log[0] and log[-1]["val/rewards/margin"] > 0
     check_saved_folder(out, hf_run, fb, "kto", kind)
