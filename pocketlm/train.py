@@ -228,6 +228,19 @@ def check_resume_compatible(saved: dict[str, Any], cfg: Config) -> None:
                             "continue; use the run's own config or start a new run with --out")
 
 
+def check_resume_tokenizer(dataset: Dataset, folder: Path) -> None:
+    """Resuming on other data is allowed (more text, say), but not on other token ids: a retrained tokenizer
+    of the same size would silently give every embedding row another meaning. The run's tokenizer may hold
+    more (special tokens a fine-tune added); every token of the data's must keep its id."""
+    if not (folder / "tokenizer.json").is_file():
+        return
+    ours = toklib.load(folder).tk.get_vocab(with_added_tokens=True)
+    if any(ours.get(t) != i for t, i in dataset.tokenizer().tk.get_vocab(with_added_tokens=True).items()):
+        raise PocketLMError(f"--resume on data whose tokenizer is not the run's ({dataset.path} was prepared "
+                            f"with another vocabulary): prepare it with `--tokenizer {folder}`, or start a new "
+                            "run from these weights with --init-from")
+
+
 class Trainer:
     def __init__(self, cfg: Config, task: Task | None = None, resume: bool = False, overwrite: bool = False,
                  callbacks: list[Any] | None = None, verbose: bool = True, source: ModelSource | None = None) -> None:
@@ -289,7 +302,8 @@ class Trainer:
         folder = self.out / "last"
         meta, opt_state, rng = ckpt.load_trainer_state(folder)
         check_resume_compatible(meta["config"], self.cfg)
-        self._check_resume_tokenizer(folder)
+        if self.dataset is not None:
+            check_resume_tokenizer(self.dataset, folder)
         parallel.load_full_state(self.model, self.optimizer, self.source.load_state(folder), opt_state)
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
@@ -297,17 +311,6 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"])
         self.state = State(step=meta["step"], tokens=meta["tokens"], best_val=meta["best_val"],
                            elapsed=meta.get("elapsed", 0.0), wall=meta.get("wall", meta.get("elapsed", 0.0)))
-
-    def _check_resume_tokenizer(self, folder: Path) -> None:
-        """Resuming on other data is allowed (more text, say), but not on other token ids: a retrained
-        tokenizer of the same size would silently give every embedding row another meaning."""
-        if self.dataset is None or not (folder / "tokenizer.json").is_file():
-            return
-        vocab = self.dataset.tokenizer().tk.get_vocab(with_added_tokens=True)
-        if toklib.load(folder).tk.get_vocab(with_added_tokens=True) != vocab:
-            raise PocketLMError(f"--resume on data whose tokenizer is not the run's ({self.dataset.path} was "
-                                f"prepared with another vocabulary): prepare it with `--tokenizer {folder}`, or "
-                                "start a new run from these weights with --init-from")
 
     def _rng_state(self) -> dict[str, torch.Tensor]:
         rng = {"torch": torch.get_rng_state()}

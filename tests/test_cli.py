@@ -155,6 +155,17 @@ def test_resume_refuses_data_of_another_tokenizer(tmp_path: Path, corpus: Path, 
     assert json.loads((other / "manifest.json").read_text())["tokenizer"]["vocab_size"] == \
         json.loads((char_data / "manifest.json").read_text())["tokenizer"]["vocab_size"]
     assert "--tokenizer" in one_line_error(capsys, "train", other, "--out", run, "--resume", "--max-steps", "20")
+    # a run whose tokenizer holds more than the data's (a fine-tune's added special token) still resumes
+    from pocketlm import tokenizer as toklib
+    from pocketlm.data.prepare import Dataset
+    from pocketlm.train import check_resume_tokenizer
+
+    grown = tmp_path / "grown"
+    grown.mkdir()
+    tk = toklib.load(run / "last").tk
+    tk.add_special_tokens(["<|story|>"])
+    tk.save(str(grown / "tokenizer.json"))
+    check_resume_tokenizer(Dataset(char_data), grown)
     more = tmp_path / "more"  # the same text again, encoded with the run's own tokenizer: fine
     assert run_cli(capsys, "prepare", corpus, shifted, "--out", more, "--tokenizer", str(run / "last"))[0] == 0
     code, out, _ = run_cli(capsys, "train", more, "--out", run, "--resume", "--max-steps", "20", "--no-sample")
