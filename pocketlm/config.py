@@ -197,6 +197,8 @@ class Config:
             raise ConfigError("sample.stop strings must not be empty")
         if ft.lora_rank < 1 or not 0 <= ft.lora_dropout < 1 or ft.lora_alpha <= 0:
             raise ConfigError("finetune.lora_rank must be >= 1, lora_alpha > 0 and lora_dropout in [0, 1)")
+        if ft.lora and t.strategy == "fsdp":  # FSDP's sharded LoRA state is not merged or resumed: it hung
+            raise ConfigError("LoRA trains few parameters and runs unsharded: use --strategy ddp with --lora")
         if t.optimizer not in ("adamw", "muon"):
             raise ConfigError(f"train.optimizer must be adamw or muon, got {t.optimizer!r}")
         if t.muon_lr <= 0 or not 0 <= t.muon_momentum < 1:

@@ -139,6 +139,9 @@ def test_settings_that_cannot_run_fail_before_anything_starts(tmp_path: Path, ch
     err = one_line_error(capsys, "train", char_data, "--out", tmp_path / "r", *TINY, "--nproc", "2",
                          "--train.grad_accum", "3")
     assert "multiple of --nproc" in err and not (tmp_path / "r").exists()
+    err = one_line_error(capsys, "train", char_data, "--out", tmp_path / "r", "--init-from", str(tmp_path / "x"),
+                         "--lora", "--nproc", "2", "--train.grad_accum", "2", "--strategy", "fsdp")
+    assert "--strategy ddp" in err  # sharded LoRA hung at the first checkpoint
 
 
 def test_resume_refuses_data_of_another_tokenizer(tmp_path: Path, corpus: Path, char_data: Path, capsys) -> None:
