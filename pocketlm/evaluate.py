@@ -268,7 +268,7 @@ def evaluate_stream(lm: LM, stream: np.ndarray, k: int = 10, batch_size: int = 8
     T = min(block_size or lm.block_size, lm.block_size)
     dev = lm.device
     table = token_byte_lengths(lm.tok)
-    vocab = _vocab_size(lm)
+    vocab = lm.model.config.vocab_size
     if len(table) < vocab:
         table = np.pad(table, (0, vocab - len(table)))
     meter = Meter(k, torch.from_numpy(table).to(dev))
@@ -301,12 +301,6 @@ def _null():
     return contextlib.nullcontext()
 
 
-def _vocab_size(lm: LM) -> int:
-    if lm.kind == "pocketlm":
-        return lm.model.config.vocab_size
-    return int(lm.model.hf.get_output_embeddings().weight.shape[0])  # the head's rows (logits' width)
-
-
 def evaluate_split(lm: LM, data: str | Path, split: str = "test", k: int = 10, batch_size: int = 8,
                    max_tokens: int = 0, verbose: bool = False) -> dict[str, Any]:
     """Metrics of a model on a split of a prepared dataset, as a JSON-ready dict (`metrics`, `notes`, counts)."""
@@ -334,9 +328,9 @@ def evaluate_split(lm: LM, data: str | Path, split: str = "test", k: int = 10, b
         notes.append(f"the dataset's tokenizer differs from the model's: its text was decoded and re-encoded "
                      f"with the model's tokenizer ({len(tokens):,} -> {len(stream) - 1:,} tokens); only bits "
                      "per byte compares across tokenizers")
-    if int(stream.max(initial=0)) >= _vocab_size(lm):
+    if int(stream.max(initial=0)) >= lm.model.config.vocab_size:
         raise PocketLMError(f"{ds.path} holds token ids up to {int(stream.max())}, beyond the model's vocabulary of "
-                            f"{_vocab_size(lm)}: evaluate with the dataset the model was trained on")
+                            f"{lm.model.config.vocab_size}: evaluate with the dataset the model was trained on")
     t0 = time.perf_counter()
     meter = evaluate_stream(lm, stream, k, batch_size, verbose=verbose)
     seconds = time.perf_counter() - t0

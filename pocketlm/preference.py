@@ -251,10 +251,7 @@ class BaseModelSource:
             self.hf = Pretrained(task.start, None)
 
     def build(self) -> torch.nn.Module:
-        if self.hf is None:
-            model = _without_dropout(ckpt.load_model(self.task.folder, "cpu")[0])
-        else:
-            model = _without_dropout(self.hf.build())
+        model = _without_dropout(ckpt.load_model(self.task.folder, "cpu")[0] if self.hf is None else self.hf.build())
         self.task.ref = copy.deepcopy(model).eval().requires_grad_(False)
         self.task.policy = model.train()
         return model

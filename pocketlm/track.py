@@ -80,6 +80,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: floa
     else:
         key = f"{device.type}|{_cpu_name()}|{torch.get_num_threads()} threads|{dtype}|torch {torch.__version__}"
     file = cache_dir() / "peak_flops.json"
+    if f"{file}|{key}" in _measured:  # once per process: the dtype choice and the MFU both ask
+        return _measured[f"{file}|{key}"] * 1e12, f"measured matmul peak ({file})"
     try:
         cached = json.loads(file.read_text())
     except (OSError, ValueError):
@@ -89,8 +91,6 @@ def peak_flops(device: torch.device, dtype: torch.dtype, configured_tflops: floa
     # Every run measures again briefly and the cache keeps the best figure this machine has shown: a figure
     # taken while other processes held the cores (too low, so MFU above 100%) is replaced by the next run.
     seen = cached.get(key) if isinstance(cached.get(key), (int, float)) else 0.0
-    if f"{file}|{key}" in _measured:  # once per process: the dtype choice and the MFU both ask
-        return _measured[f"{file}|{key}"] * 1e12, f"measured matmul peak ({file})"
     now = measure_matmul_tflops(device, dtype)  # autocast runs the matmuls in its dtype: bf16 peak for bf16
     if now > seen:
         cached[key] = now

@@ -192,7 +192,8 @@ def save_adapter(model: nn.Module, config: Any, folder: Path, base: str) -> None
     folder.mkdir(parents=True, exist_ok=True)
     # embeddings are frozen under LoRA; a transformers model's go into the adapter only when tokens were added
     # to the base vocabulary (peft's own "auto" rule, decided here the same way on every save)
-    resized = not isinstance(model, GPT) and _base_vocab(base) not in (None, model.hf.config.vocab_size)
+    base_vocab = _base_vocab(base)
+    resized = not isinstance(model, GPT) and base_vocab not in (None, model.hf.config.vocab_size)
     state = get_peft_model_state_dict(inner(model), adapter_name=ADAPTER, save_embedding_layers=resized)
     mapping = hf_module_names(model)
     out: dict[str, torch.Tensor] = {}
@@ -204,7 +205,7 @@ def save_adapter(model: nn.Module, config: Any, folder: Path, base: str) -> None
         for n, t in zip(names, parts):
             out[f"base_model.model.{n}{sep}{leaf}" if sep else f"base_model.model.{n}"] = \
                 t.detach().cpu().clone()  # shared A: a copy per module (safetensors stores no aliases)
-    if isinstance(model, GPT) and _base_vocab(base) not in (None, model.config.vocab_size):
+    if isinstance(model, GPT) and base_vocab not in (None, model.config.vocab_size):
         # tokens were added (peft saves a resized transformers model's embeddings the same way): the rows go
         # with the adapter, under the saved model's names, for a base resized to the new vocabulary
         wte = model.transformer.wte.weight.detach().cpu()
