@@ -11,8 +11,9 @@ from the same invocation.
   `configure_optimizers` and of pocketlm's model and optimizer, on the identical model and batch, for
   nanoGPT's CPU configuration (4 x 128, context 64, batch 12) and a 6 x 384, context-256 one; MFU against
   the matmul peak measured in the same run for the dtype each runs its matmuls in (pocketlm picks bf16
-  autocast on a CPU with bf16 units, see `pocketlm.device.cpu_dtype`). `--levers` adds pocketlm variants
-  (float32 without autocast, torch.compile, Muon for the blocks' matrices).
+  autocast on a CPU with bf16 units, see `pocketlm.device.cpu_dtype`; the micro-batch's rows split across the
+  threads, see `pocketlm.parallel.pick_thread_shards`), with pocketlm's step unsharded beside it. `--levers`
+  adds pocketlm variants (float32 without autocast, torch.compile, Muon for the blocks' matrices).
 - on a CUDA device (`--device cuda`, the default when one is present): the same figures on the GPU, with
   pocketlm's decode step replayed from a CUDA graph (and without, as a lever), both trainers in bf16 autocast
   as nanoGPT's train.py runs on a GPU, a GPT-2-small-sized training configuration, and MFU against the GPU's
@@ -154,8 +155,10 @@ def nanogpt_step(nanogpt: Path, shape: tuple[int, ...]) -> tuple[Callable[[], No
 
 def pocketlm_step(shape: tuple[int, ...], lever: str = "") -> tuple[Callable[[], None], int]:
     """What `pocketlm train` runs on this CPU: its dtype choice (bf16 autocast where bf16 matmuls measure
-    1.5x fp32's and the model is wide enough), its optimizer. Levers: fp32 (autocast off), compile, muon."""
-    from pocketlm import config, optim
+    1.5x fp32's and the model is wide enough), its thread shards (each micro-batch's rows split across the
+    threads, see `parallel.pick_thread_shards`), its optimizer. Levers: fp32 (autocast off), unsharded (one
+    batch on all threads), compile, muon."""
+    from pocketlm import config, optim, parallel
     from pocketlm.device import cpu_dtype
     from pocketlm.model import GPT, GPTConfig
 
@@ -167,22 +170,41 @@ def pocketlm_step(shape: tuple[int, ...], lever: str = "") -> tuple[Callable[[],
     t = config.TrainConfig(optimizer="muon" if lever == "muon" else "adamw")
     opt = optim.build(m, t, low_precision=dtype != torch.float32)
     fwd = torch.compile(m) if lever == "compile" else m
-    return _step(fwd, m, opt, T, B, dtype), m.num_params()
+    shards = parallel.pick_thread_shards(1 if lever == "unsharded" else 0, DEVICE, False, lever == "compile", B,
+                                         True, m, True)[0]
+    return _step(fwd, m, opt, T, B, dtype, shards), m.num_params()
 
 
 def _step(fwd: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer, T: int, B: int,
-          dtype: torch.dtype = torch.float32) -> Callable[[], None]:
+          dtype: torch.dtype = torch.float32, shards: int = 1) -> Callable[[], None]:
+    from pocketlm import parallel
+    from pocketlm.train import NextTokenTask
+
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, 65, (B, T), generator=g).to(DEVICE) for _ in range(2))
     autocast = torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype != torch.float32)
+    threads = parallel.ThreadShards(shards) if shards > 1 else None
+    task, params = NextTokenTask(), list(model.parameters())
 
-    def step() -> None:
-        with autocast:
-            _, loss = fwd(x, y)
-        loss.backward()
+    def loss_of(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        with torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype != torch.float32):  # per thread
+            return fwd(*batch)[1]
+
+    def update() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    def step() -> None:
+        if threads:  # as the training loop runs it
+            with threads.one_thread():
+                threads.backward(task.split((x, y), threads.n), loss_of, params)
+                update()
+            return
+        with autocast:
+            _, loss = fwd(x, y)
+        loss.backward()
+        update()
     return step
 
 
@@ -197,6 +219,8 @@ def bench_train(name: str, nanogpt: Path, rounds: int, levers: bool) -> None:
     ng, n_params = nanogpt_step(nanogpt, shape)
     fns["nanogpt"] = ng
     fns["pocketlm"], _ = pocketlm_step(shape)
+    if DEVICE.type == "cpu":  # the same step with the batch on all threads at once: what thread shards add
+        fns["pocketlm_unsharded"], _ = pocketlm_step(shape, "unsharded")
     if levers:
         fns["pocketlm_fp32"], _ = pocketlm_step(shape, "fp32")
         fns["pocketlm_compile"], _ = pocketlm_step(shape, "compile")

@@ -94,6 +94,9 @@ class TrainConfig:
     time_budget: str = _f("", "train for this long instead of max_steps ('90s', '10m', '2h'; evaluations count); "
                           "the learning-rate schedule follows the share of the budget spent")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
+    thread_shards: int = _f(0, "CPU: split each micro-batch into this many row shards, each run forward and backward "
+                            "on its own thread with one torch thread (0 = auto: one per thread for pocketlm models "
+                            "without dropout, see docs/benchmarks.md; 1 = off)")
     strategy: str = _f("ddp", "with several processes: 'ddp' (replicate the model) or 'fsdp' (shard it)")
     eval_top_k: int = _f(10, "k of the top-k accuracy reported at each evaluation (val/top10_acc)")
     log: str = _f("", "trackers besides metrics.jsonl: 'tensorboard', 'wandb' or 'tensorboard,wandb'")
@@ -184,9 +187,9 @@ class Config:
             raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0, got lr={t.lr} min_lr={t.min_lr}")
         if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
             raise ConfigError(f"train.beta1 and train.beta2 must be in [0, 1), got {t.beta1}, {t.beta2}")
-        if t.warmup_steps < 0 or t.threads < 0 or t.weight_decay < 0 or t.grad_clip < 0 or t.peak_tflops < 0:
-            raise ConfigError("train.warmup_steps, train.threads, train.weight_decay, train.grad_clip and "
-                              "train.peak_tflops must be >= 0")
+        if min(t.warmup_steps, t.threads, t.thread_shards, t.weight_decay, t.grad_clip, t.peak_tflops) < 0:
+            raise ConfigError("train.warmup_steps, train.threads, train.thread_shards, train.weight_decay, "
+                              "train.grad_clip and train.peak_tflops must be >= 0")
         if not (0 <= d.val_fraction < 1 and 0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1):
             raise ConfigError("data.val_fraction and data.test_fraction must be in [0, 1) and sum below 1")
         if not d.separator or not d.eot_token:

@@ -1,4 +1,5 @@
-"""Data parallelism for the training loop: DDP or FSDP wrapping, gradient-sync control, full state dicts.
+"""Data parallelism for the training loop: DDP or FSDP wrapping, gradient-sync control, full state dicts, and
+row shards of a micro-batch across the CPU threads of one process.
 
 Checkpoints always hold full (gathered) tensors keyed by parameter name, whichever strategy wrote them,
 so a run saved by 8 FSDP ranks resumes in 1 process and the other way round. The state-dict helpers come
@@ -8,6 +9,8 @@ from torch.distributed.checkpoint and work on plain, DDP and FSDP models alike.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -131,3 +134,90 @@ def all_agree(flag: bool, rt: Runtime) -> bool:
 
 def total_norm(gnorm: torch.Tensor) -> float:
     return float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+
+
+# Threads inside one process, each running whole shards of the micro-batch with one torch thread. A small model's
+# ops are too small to split well between threads: nanoGPT's CPU configuration steps only 1.4x faster on 2 threads
+# than on 1 (bf16), while two shards of 6 rows run side by side in the time of one. Measured on a 2-core EPYC
+# (docs/benchmarks.md): 1.15-1.25x per step at 128 wide, 1.1x at 384 wide.
+SHARD_MAX_PARAMS = 50_000_000  # each extra thread holds a copy of the gradients; beyond this, not by default
+
+
+def pick_thread_shards(requested: int, device: torch.device, distributed: bool, compiled: bool, batch_size: int,
+                       can_split: bool, model: torch.nn.Module, ours: bool) -> tuple[int, str]:
+    """How many row shards each micro-batch runs as (1 = the plain step) and why. Explicit values are checked;
+    auto (0) shards pocketlm's own models on a multi-threaded CPU when nothing makes the run nondeterministic
+    (dropout draws from one generator that the threads would share) and the gradients' copies are small."""
+    threads = torch.get_num_threads()
+    if requested == 1:
+        return 1, ""
+    why_not = ("CUDA and MPS run one batch on all their cores" if device.type != "cpu" else
+               "each process under torchrun is already a data-parallel worker" if distributed else
+               "a compiled model is one graph per thread" if compiled else
+               "this kind of training has no row-wise loss to split" if not can_split else "")
+    if requested:
+        if why_not:
+            raise PocketLMError(f"--train.thread_shards {requested}: {why_not}; leave it at 0 (auto) or 1")
+        if requested > batch_size:
+            raise PocketLMError(f"--train.thread_shards {requested} is more than the {batch_size} rows of a "
+                                "micro-batch: lower it or raise --train.batch_size")
+        return requested, f"{requested} thread shards per micro-batch (requested)"
+    dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+    n_grad = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if why_not or threads < 2 or batch_size < 2 or not ours or dropout or n_grad > SHARD_MAX_PARAMS:
+        return 1, ""
+    n = min(threads, batch_size)
+    return n, f"{n} thread shards per micro-batch"
+
+
+class ThreadShards:
+    """Data parallelism across the CPU threads of one process: a micro-batch's row shards run forward and backward
+    at once, shard 0 on the calling thread (its gradients accumulate into .grad as usual) and the others on worker
+    threads that return theirs. Every thread runs torch ops with one thread; the gradients are added in shard order,
+    so a run is as deterministic as the plain one. Autocast and grad mode are per thread: the loss function enters
+    autocast itself."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.threads = n, torch.get_num_threads()
+        self.pool: ThreadPoolExecutor | None = None  # started at the first step, stopped by close()
+
+    @contextlib.contextmanager
+    def one_thread(self):
+        """Around the training step: the calling thread's ops run single-threaded too (evaluation gets them back)."""
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(self.threads)
+
+    def backward(self, shards: list[tuple[Any, float]], loss_of: Callable[[Any], torch.Tensor],
+                 params: list[torch.nn.Parameter]) -> torch.Tensor:
+        """Backward of sum(weight x loss_of(shard)) into params' .grad; returns that sum, detached."""
+
+        def run(batch: Any, weight: float) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+            loss = loss_of(batch) * weight
+            return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
+
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(self.n - 1, thread_name_prefix="pocketlm-shard",
+                                           initializer=torch.set_num_threads, initargs=(1,))
+        futures = [self.pool.submit(run, batch, weight) for batch, weight in shards[1:]]
+        batch, weight = shards[0]
+        loss = loss_of(batch) * weight
+        loss.backward()
+        total = loss.detach()
+        for future in futures:  # in shard order, whichever finished first
+            part, grads = future.result()
+            total = total + part
+            for p, g in zip(params, grads):
+                if g is not None:
+                    if p.grad is None:
+                        p.grad = g
+                    else:
+                        p.grad.add_(g)
+        return total
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None

@@ -13,6 +13,7 @@ whatever the number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -62,8 +63,10 @@ def lr_at(step: int, cfg: configlib.TrainConfig, time_fraction: float | None = N
 class Task(Protocol):
     """What a kind of training supplies to the loop (LMTask is pretraining; SFT and preference tuning add theirs).
 
-    Optional hook, found with hasattr: `metrics(split) -> dict` adds the task's own metrics to each "train"
-    log line and "val" evaluation (preference tuning: rewards, margins, accuracy).
+    Optional hooks, found with hasattr: `metrics(split) -> dict` adds the task's own metrics to each "train"
+    log line and "val" evaluation (preference tuning: rewards, margins, accuracy); `split(batch, n)` cuts a
+    batch into up to n row shards with weights whose weighted losses add up to the batch's, which lets the loop
+    run the shards on parallel CPU threads (parallel.ThreadShards).
     """
 
     dataset: Dataset | None
@@ -123,6 +126,16 @@ class NextTokenTask:
     def logits(self, model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         x, y = batch
         return model(x)[0], y
+
+    def split(self, batch: tuple[torch.Tensor, ...], n: int) -> list[tuple[tuple[torch.Tensor, ...], float]]:
+        """Up to n row shards, each weighted by its share of the scored targets (the loss is their mean), so the
+        weighted shard losses add up to the batch's loss; shards with nothing to score are left out."""
+        parts = list(zip(*(t.tensor_split(n) for t in batch)))
+        counts = [int((part[1] != -100).sum()) for part in parts]
+        total = sum(counts)
+        if not total:  # nothing scored: the batch's loss is what the plain step computes
+            return [(batch, 1.0)]
+        return [(part, c / total) for part, c in zip(parts, counts) if c]
 
 
 class LMTask(NextTokenTask):
@@ -289,6 +302,13 @@ class Trainer:
         if t.compile:
             self.fwd = torch.compile(self.fwd)  # the uncompiled self.model is what gets saved
         self.scaler = torch.amp.GradScaler(enabled=self.rt.dtype == torch.float16)
+        n_shards, why = parallel.pick_thread_shards(
+            t.thread_shards, self.rt.device, self.rt.distributed, t.compile, t.batch_size,
+            hasattr(self.task, "split"), self.model, isinstance(self.model, GPT))
+        self.shards = parallel.ThreadShards(n_shards) if n_shards > 1 else None
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if why:
+            self.rt.dtype_reason += f"; {why}"
         if self.rt.is_main:
             configlib.save_yaml(cfg, self.out / "config.yaml")
         self.log = MetricsLog(self.out / "metrics.jsonl", self.state.step if resume else None) \
@@ -420,20 +440,18 @@ class Trainer:
                 lr = lr_at(st.step, t, (step_t0 - wall0) / budget if budget else None)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices run at their own rate
-                loss_sum = torch.zeros((), device=rt.device)
-                for micro in range(accum):
-                    batch = self.task.batch("train", st.step, micro, t.batch_size, accum, rt, t.seed,
-                                            rt.device)
-                    with parallel.grad_sync(self.fwd, self.model, micro == accum - 1), rt.autocast():
-                        loss = self.task.loss(self.fwd, batch) / accum
-                    self.scaler.scale(loss).backward()
-                    loss_sum += loss.detach()
-                self.scaler.unscale_(self.optimizer)
-                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0
-                                                       else float("inf"))
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
+                with self.shards.one_thread() if self.shards else contextlib.nullcontext():
+                    loss_sum = torch.zeros((), device=rt.device)
+                    for micro in range(accum):
+                        batch = self.task.batch("train", st.step, micro, t.batch_size, accum, rt, t.seed,
+                                                rt.device)
+                        loss_sum += self._backward(batch, accum, micro == accum - 1)
+                    self.scaler.unscale_(self.optimizer)
+                    gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0
+                                                           else float("inf"))
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
                 st.step += 1
                 st.tokens += tokens_per_step
                 step_s = time.perf_counter() - step_t0
@@ -469,6 +487,8 @@ class Trainer:
         finally:
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
+            if self.shards:
+                self.shards.close()
             if self.log:
                 self.log.close()
             for cb in self.callbacks:
@@ -483,6 +503,20 @@ class Trainer:
             bar.close(f"done in {fmt_duration(st.elapsed)}")
         teardown()
         return st
+
+    def _backward(self, batch: Any, accum: int, last: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch, as row shards on parallel threads where the run uses them;
+        returns its loss / accum, detached."""
+        if self.shards is None:
+            with parallel.grad_sync(self.fwd, self.model, last), self.rt.autocast():
+                loss = self.task.loss(self.fwd, batch) / accum
+            self.scaler.scale(loss).backward()
+            return loss.detach()
+
+        def loss_of(shard: Any) -> torch.Tensor:  # called on each shard's thread: autocast is per thread
+            with self.rt.autocast():
+                return self.task.loss(self.fwd, shard) / accum
+        return self.shards.backward(self.task.split(batch, self.shards.n), loss_of, self.trainable)
 
     def _eval_and_save(self) -> None:
         st = self.state

@@ -68,3 +68,6 @@ class ReplayTask:
 
     def logits(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, ...]:
         return self.target.logits(model, batch)
+
+    def split(self, batch: Any, n: int) -> list[tuple[Any, float]]:
+        return self.target.split(batch, n)
