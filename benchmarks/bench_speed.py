@@ -199,7 +199,7 @@ def _step(fwd: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimiz
         if threads:  # as the training loop runs it
             with threads.one_thread():
                 threads.backward(task.split((x, y), threads.n), loss_of, params)
-                update()
+            update()
             return
         with autocast:
             _, loss = fwd(x, y)

@@ -10,6 +10,7 @@ be shifted inside the cache), so long generations cost one prefill per block_siz
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,10 +190,14 @@ class Engine:
         if isinstance(self.model, GPT) and self.model.decodable():
             plan = self.model.decode_plan()
             graphs = self.cuda_graphs if self.cuda_graphs is not None else self.device.type == "cuda"
+            step = (lambda tok, cache: self.model.decode(tok, cache, plan))
             if graphs and p.max_new_tokens >= GRAPH_MIN_TOKENS:
-                step = GraphStep(self.model, cache, plan)  # captured before the prefill fills the cache
-            else:
-                step = (lambda tok, cache: self.model.decode(tok, cache, plan))
+                try:
+                    step = GraphStep(self.model, cache, plan)  # captured before the prefill fills the cache
+                except RuntimeError as e:  # a driver or build that cannot capture still generates, eagerly
+                    warnings.warn(f"decoding without CUDA graphs: capturing the decode step failed ({e})",
+                                  stacklevel=2)
+                    self.cuda_graphs = False
         else:
             step = (lambda tok, cache: self.model(tok, cache=cache, last_only=True)[0][:, -1])
         logits = self._prefill(context[:, max(0, length - T):length], cache)

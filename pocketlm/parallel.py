@@ -183,7 +183,8 @@ class ThreadShards:
 
     @contextlib.contextmanager
     def one_thread(self):
-        """Around the training step: the calling thread's ops run single-threaded too (evaluation gets them back)."""
+        """Around the shards' forward and backward: the calling thread's ops run single-threaded too (the
+        optimizer step and evaluation get all threads back)."""
         torch.set_num_threads(1)
         try:
             yield

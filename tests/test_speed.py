@@ -140,6 +140,23 @@ def test_engine_decode_path_and_batch_agree_with_naive_reference() -> None:
         assert [int(t[0]) for t in engine.steps(ids, p)] == want
 
 
+def test_a_failed_graph_capture_falls_back_to_the_plain_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pocketlm import generate
+    from pocketlm.generate import Engine, SamplingParams
+
+    def refuse(*a: object) -> None:
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(generate, "GraphStep", refuse)
+    engine = Engine(tiny(bias=False), None)
+    p = SamplingParams(max_new_tokens=20, temperature=0, stop_at_eot=False)
+    want = [int(t[0]) for t in engine.steps([1, 2], p)]
+    engine.cuda_graphs = True
+    with pytest.warns(UserWarning, match="without CUDA graphs: capturing the decode step failed"):
+        assert [int(t[0]) for t in engine.steps([1, 2], p)] == want
+    assert engine.cuda_graphs is False  # not tried again for every generation
+
+
 def test_adamw_equals_torch_fused_adamw_and_reloads_its_state() -> None:
     from pocketlm import optim
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pocketlm import parallel
-from pocketlm.errors import PocketLMError
+from pocketlm import config, parallel
+from pocketlm.errors import ConfigError, PocketLMError
 from pocketlm.model import GPT, GPTConfig
 from pocketlm.train import NextTokenTask
 
@@ -97,6 +97,8 @@ def test_auto_shards_only_where_the_run_stays_plain_and_deterministic(monkeypatc
             pick(*args, True, _model(), True)
     with pytest.raises(PocketLMError, match="no row-wise loss"):
         pick(2, cpu, False, False, 12, False, _model(), True)
+    with pytest.raises(ConfigError, match="thread_shards"):
+        config.load(overrides={"train.thread_shards": -1})
 
 
 def test_sharded_training_runs_resume_exactly_and_track_the_plain_run(tmp_path: Path, char_data: Path) -> None:
