@@ -197,8 +197,7 @@ def _step(fwd: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimiz
 
     def step() -> None:
         if threads:  # as the training loop runs it
-            with threads.one_thread():
-                threads.backward(task.split((x, y), threads.n), loss_of, params)
+            threads.backward(task.split((x, y), threads.n), loss_of, params)
             update()
             return
         with autocast:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
@@ -181,42 +181,39 @@ class ThreadShards:
         self.n, self.threads = n, torch.get_num_threads()
         self.pool: ThreadPoolExecutor | None = None  # started at the first step, stopped by close()
 
-    @contextlib.contextmanager
-    def one_thread(self):
-        """Around the shards' forward and backward: the calling thread's ops run single-threaded too (the
-        optimizer step and evaluation get all threads back)."""
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(self.threads)
-
     def backward(self, shards: list[tuple[Any, float]], loss_of: Callable[[Any], torch.Tensor],
                  params: list[torch.nn.Parameter]) -> torch.Tensor:
-        """Backward of sum(weight x loss_of(shard)) into params' .grad; returns that sum, detached."""
+        """Backward of sum(weight x loss_of(shard)) into params' .grad; returns that sum, detached. All threads
+        are given back before it returns, for the optimizer step and evaluation."""
 
         def run(batch: Any, weight: float) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
             loss = loss_of(batch) * weight
             return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
 
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(self.n - 1, thread_name_prefix="pocketlm-shard",
-                                           initializer=torch.set_num_threads, initargs=(1,))
-        futures = [self.pool.submit(run, batch, weight) for batch, weight in shards[1:]]
-        batch, weight = shards[0]
-        loss = loss_of(batch) * weight
-        loss.backward()
-        total = loss.detach()
-        for future in futures:  # in shard order, whichever finished first
-            part, grads = future.result()
-            total = total + part
-            for p, g in zip(params, grads):
-                if g is not None:
-                    if p.grad is None:
-                        p.grad = g
-                    else:
-                        p.grad.add_(g)
-        return total
+        torch.set_num_threads(1)  # this thread's ops too; the workers set theirs as they start
+        futures = []
+        try:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(self.n - 1, thread_name_prefix="pocketlm-shard",
+                                               initializer=torch.set_num_threads, initargs=(1,))
+            futures = [self.pool.submit(run, batch, weight) for batch, weight in shards[1:]]
+            batch, weight = shards[0]
+            loss = loss_of(batch) * weight
+            loss.backward()
+            total = loss.detach()
+            for future in futures:  # in shard order, whichever finished first
+                part, grads = future.result()
+                total = total + part
+                for p, g in zip(params, grads):
+                    if g is not None:
+                        if p.grad is None:
+                            p.grad = g
+                        else:
+                            p.grad.add_(g)
+            return total
+        finally:
+            wait(futures)  # after a failure too: no worker may still be running (or setting its thread count)
+            torch.set_num_threads(self.threads)
 
     def close(self) -> None:
         if self.pool is not None:

@@ -44,8 +44,7 @@ def test_shards_compute_the_plain_loss_and_gradients(n: int, masked_rows: int) -
         assert len(parts) == n - 1
     shards = parallel.ThreadShards(n)
     try:
-        with shards.one_thread():
-            total = shards.backward(parts, lambda b: task.loss(sharded, b) / 2, params)
+        total = shards.backward(parts, lambda b: task.loss(sharded, b) / 2, params)
         assert torch.get_num_threads() == shards.threads  # given back after the step
     finally:
         shards.close()
@@ -68,6 +67,22 @@ def test_shards_are_deterministic_and_accumulate_onto_existing_gradients() -> No
     once = _model()
     task.loss(once, batch).backward()
     assert all(torch.allclose(2 * a, b, atol=1e-6) for a, b in zip(_grads(once), runs[0]))
+
+
+def test_a_failing_shard_raises_and_gives_the_threads_back() -> None:
+    task, batch = NextTokenTask(), _batch()
+    model, threads = _model(), torch.get_num_threads()
+
+    def loss_of(b: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if b[0].data_ptr() != batch[0].data_ptr():  # every shard but the first
+            raise RuntimeError("shard failed")
+        return task.loss(model, b)
+
+    shards = parallel.ThreadShards(3)
+    with pytest.raises(RuntimeError, match="shard failed"):
+        shards.backward(task.split(batch, 3), loss_of, list(model.parameters()))
+    shards.close()
+    assert torch.get_num_threads() == threads
 
 
 def test_a_batch_with_nothing_scored_is_not_split() -> None:
