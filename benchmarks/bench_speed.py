@@ -197,8 +197,9 @@ def _step(fwd: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimiz
 
     def step() -> None:
         if threads:  # as the training loop runs it
-            threads.backward(task.split((x, y), threads.n), loss_of, params)
-            update()
+            with threads.one_thread():
+                threads.backward(task.split((x, y), threads.n), loss_of, params)
+                update()
             return
         with autocast:
             _, loss = fwd(x, y)

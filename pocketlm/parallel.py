@@ -178,19 +178,19 @@ class ThreadShards:
     autocast itself."""
 
     def __init__(self, n: int) -> None:
-        self.n, self.threads = n, torch.get_num_threads()
+        self.n, self.threads, self.holding = n, torch.get_num_threads(), False
         self.pool: ThreadPoolExecutor | None = None  # started at the first step, stopped by close()
 
     def backward(self, shards: list[tuple[Any, float]], loss_of: Callable[[Any], torch.Tensor],
                  params: list[torch.nn.Parameter]) -> torch.Tensor:
-        """Backward of sum(weight x loss_of(shard)) into params' .grad; returns that sum, detached. All threads
-        are given back before it returns, for the optimizer step and evaluation."""
+        """Backward of sum(weight x loss_of(shard)) into params' .grad; returns that sum, detached. Outside
+        `one_thread` all threads are given back before it returns."""
 
         def run(batch: Any, weight: float) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
             loss = loss_of(batch) * weight
             return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
 
-        torch.set_num_threads(1)  # this thread's ops too; the workers set theirs as they start
+        torch.set_num_threads(1)  # this thread's ops too (one_thread keeps it for a whole step); workers set theirs
         futures = []
         try:
             if self.pool is None:
@@ -213,6 +213,20 @@ class ThreadShards:
             return total
         finally:
             wait(futures)  # after a failure too: no worker may still be running (or setting its thread count)
+            if not self.holding:
+                torch.set_num_threads(self.threads)
+
+    @contextlib.contextmanager
+    def one_thread(self):
+        """A whole training step at one torch thread per thread, the optimizer's included: measured, any op run on
+        all threads between the shards' passes (the optimizer's) cost more than it saved (23 -> 31 ms per step
+        on nanoGPT's CPU configuration). Evaluation, outside it, gets all threads back."""
+        torch.set_num_threads(1)
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
             torch.set_num_threads(self.threads)
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ whatever the number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -439,16 +440,18 @@ class Trainer:
                 lr = lr_at(st.step, t, (step_t0 - wall0) / budget if budget else None)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices run at their own rate
-                loss_sum = torch.zeros((), device=rt.device)
-                for micro in range(accum):
-                    batch = self.task.batch("train", st.step, micro, t.batch_size, accum, rt, t.seed, rt.device)
-                    loss_sum += self._backward(batch, accum, micro == accum - 1)
-                self.scaler.unscale_(self.optimizer)
-                gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0
-                                                       else float("inf"))
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
+                with self.shards.one_thread() if self.shards else contextlib.nullcontext():
+                    loss_sum = torch.zeros((), device=rt.device)
+                    for micro in range(accum):
+                        batch = self.task.batch("train", st.step, micro, t.batch_size, accum, rt, t.seed,
+                                                rt.device)
+                        loss_sum += self._backward(batch, accum, micro == accum - 1)
+                    self.scaler.unscale_(self.optimizer)
+                    gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0
+                                                           else float("inf"))
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
                 st.step += 1
                 st.tokens += tokens_per_step
                 step_s = time.perf_counter() - step_t0
