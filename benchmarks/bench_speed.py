@@ -184,6 +184,8 @@ def _step(fwd: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimiz
     x, y = (torch.randint(0, 65, (B, T), generator=g).to(DEVICE) for _ in range(2))
     autocast = torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype != torch.float32)
     threads = parallel.ThreadShards(shards) if shards > 1 else None
+    if threads and hasattr(opt, "shards"):
+        opt.shards = threads  # as the training loop sets it: Muon's Newton-Schulz on the same threads
     task, params = NextTokenTask(), list(model.parameters())
 
     def loss_of(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -169,6 +169,10 @@ class Muon(Optimizer):
         super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, eps=eps, weight_decay=0.0,
                                       muon=False, lr_scale=1.0))
         self.ns_dtype = ns_dtype  # None: bf16 on CUDA, fp32 elsewhere
+        # the training loop's parallel.ThreadShards when it shards batches across CPU threads: Newton-Schulz
+        # then runs as halves of each stack side by side, one torch thread each (a whole stack on the one
+        # thread the step holds would take twice as long)
+        self.shards: Any = None
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
@@ -187,7 +191,8 @@ class Muon(Optimizer):
         for p in group["params"]:
             if p.grad is not None:
                 by_shape.setdefault(p.shape, []).append(p)
-        for shape, params in by_shape.items():
+        stacks = []
+        for params in by_shape.values():
             grads = [p.grad for p in params]
             bufs = []
             for p in params:
@@ -195,9 +200,19 @@ class Muon(Optimizer):
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
                 bufs.append(self.state[p]["momentum_buffer"])
             torch._foreach_lerp_(bufs, grads, 1 - mom)
-            nesterov = torch.stack(torch._foreach_lerp(grads, bufs, mom))  # g + mom * (m - g)
-            dtype = self.ns_dtype or (torch.bfloat16 if nesterov.is_cuda else torch.float32)
-            update = orthogonalize(nesterov, dtype=dtype) * max(1.0, shape[0] / shape[1]) ** 0.5
+            stacks.append(torch.stack(torch._foreach_lerp(grads, bufs, mom)))  # g + mom * (m - g)
+        if not stacks:
+            return
+        dtype = self.ns_dtype or (torch.bfloat16 if stacks[0].is_cuda else torch.float32)
+        if self.shards is None:
+            updates = [orthogonalize(s, dtype=dtype) for s in stacks]
+        else:  # each stack in halves (thirds, ...), one per thread, put back together in order
+            ways = self.shards.n
+            parts = [part for s in stacks for part in s.tensor_split(ways)]
+            done = iter(self.shards.map(lambda x: orthogonalize(x, dtype=dtype), parts))
+            updates = [torch.cat([next(done) for _ in range(ways)]) for _ in stacks]
+        for (shape, params), update in zip(by_shape.items(), updates):
+            update = update * max(1.0, shape[0] / shape[1]) ** 0.5
             if wd:
                 torch._foreach_mul_(params, 1 - lr * wd)
             torch._foreach_add_(params, list(update.unbind(0)), alpha=-lr)

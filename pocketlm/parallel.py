@@ -193,10 +193,7 @@ class ThreadShards:
         torch.set_num_threads(1)  # this thread's ops too (one_thread keeps it for a whole step); workers set theirs
         futures = []
         try:
-            if self.pool is None:
-                self.pool = ThreadPoolExecutor(self.n - 1, thread_name_prefix="pocketlm-shard",
-                                               initializer=torch.set_num_threads, initargs=(1,))
-            futures = [self.pool.submit(run, batch, weight) for batch, weight in shards[1:]]
+            futures = [self._pool().submit(run, batch, weight) for batch, weight in shards[1:]]
             batch, weight = shards[0]
             loss = loss_of(batch) * weight
             loss.backward()
@@ -215,6 +212,27 @@ class ThreadShards:
             wait(futures)  # after a failure too: no worker may still be running (or setting its thread count)
             if not self.holding:
                 torch.set_num_threads(self.threads)
+
+    def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+        """[fn(x) for x in items], item i on thread i % n (this one takes the first), one torch thread each:
+        what the optimizer runs on the threads (Muon's Newton-Schulz, by halves of each stack)."""
+        torch.set_num_threads(1)
+        futures = []
+        try:
+            futures = [self._pool().submit(fn, x) if i % self.n else None for i, x in enumerate(items)]
+            mine = [fn(x) for i, x in enumerate(items) if i % self.n == 0]
+            mine.reverse()
+            return [mine.pop() if f is None else f.result() for f in futures]
+        finally:
+            wait([f for f in futures if f is not None])
+            if not self.holding:
+                torch.set_num_threads(self.threads)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(self.n - 1, thread_name_prefix="pocketlm-shard",
+                                           initializer=torch.set_num_threads, initargs=(1,))
+        return self.pool
 
     @contextlib.contextmanager
     def one_thread(self):

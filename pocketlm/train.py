@@ -306,6 +306,8 @@ class Trainer:
             t.thread_shards, self.rt.device, self.rt.distributed, t.compile, t.batch_size,
             hasattr(self.task, "split"), self.model, isinstance(self.model, GPT))
         self.shards = parallel.ThreadShards(n_shards) if n_shards > 1 else None
+        if self.shards and hasattr(self.optimizer, "shards"):
+            self.optimizer.shards = self.shards  # Muon's Newton-Schulz on the same threads
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if why:
             self.rt.dtype_reason += f"; {why}"

@@ -90,6 +90,29 @@ def test_a_failing_shard_raises_and_gives_the_threads_back() -> None:
     assert torch.get_num_threads() == threads
 
 
+def test_muon_on_the_threads_updates_as_on_one() -> None:
+    from pocketlm import optim
+
+    task, batch = NextTokenTask(), _batch()
+    results = []
+    for ways in (1, 2, 2, 3):
+        model = _model()
+        opt = optim.build(model, config.TrainConfig(optimizer="muon"))
+        shards = parallel.ThreadShards(ways) if ways > 1 else None
+        opt.shards = shards
+        for _ in range(2):
+            task.loss(model, batch).backward()
+            opt.step()
+            opt.zero_grad()
+        if shards:
+            shards.close()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(results[1], results[2]))  # deterministic
+    for other in results[1:]:
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(results[0], other))
+    assert parallel.ThreadShards(3).map(lambda x: x * 2, list(range(7))) == [0, 2, 4, 6, 8, 10, 12]
+
+
 def test_a_batch_with_nothing_scored_is_not_split() -> None:
     x, y = _batch()
     y[:] = -100
