@@ -139,7 +139,7 @@ def total_norm(gnorm: torch.Tensor) -> float:
 # Threads inside one process, each running whole shards of the micro-batch with one torch thread. A small model's
 # ops are too small to split well between threads: nanoGPT's CPU configuration steps only 1.4x faster on 2 threads
 # than on 1 (bf16), while two shards of 6 rows run side by side in the time of one. Measured on a 2-core EPYC
-# (docs/benchmarks.md): 1.15-1.25x per step at 128 wide, 1.1x at 384 wide.
+# (docs/benchmarks.md): 1.2-1.5x per step at 128 wide, 1.05-1.2x at 384 wide, no clear gain at 768.
 SHARD_MAX_PARAMS = 50_000_000  # each extra thread holds a copy of the gradients; beyond this, not by default
 
 
