@@ -140,14 +140,15 @@ def total_norm(gnorm: torch.Tensor) -> float:
 # ops are too small to split well between threads: nanoGPT's CPU configuration steps only 1.4x faster on 2 threads
 # than on 1 (bf16), while two shards of 6 rows run side by side in the time of one. Measured on a 2-core EPYC
 # (docs/benchmarks.md): 1.2-1.5x per step at 128 wide, 1.05-1.2x at 384 wide, no clear gain at 768.
-SHARD_MAX_PARAMS = 50_000_000  # each extra thread holds a copy of the gradients; beyond this, not by default
+SHARD_MAX_EXTRA = 50_000_000  # each extra thread holds a copy of the gradients: at most this many values by default
 
 
 def pick_thread_shards(requested: int, device: torch.device, distributed: bool, compiled: bool, batch_size: int,
                        can_split: bool, model: torch.nn.Module, ours: bool) -> tuple[int, str]:
     """How many row shards each micro-batch runs as (1 = the plain step) and why. Explicit values are checked;
     auto (0) shards pocketlm's own models on a multi-threaded CPU when nothing makes the run nondeterministic
-    (dropout draws from one generator that the threads would share) and the gradients' copies are small."""
+    (dropout draws from one generator that the threads would share) and the extra threads' copies of the
+    gradients stay small (2 threads: up to 50M trainable parameters; 8 threads: up to 7M)."""
     threads = torch.get_num_threads()
     if requested == 1:
         return 1, ""
@@ -164,9 +165,9 @@ def pick_thread_shards(requested: int, device: torch.device, distributed: bool, 
         return requested, f"{requested} thread shards per micro-batch (requested)"
     dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
     n_grad = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if why_not or threads < 2 or batch_size < 2 or not ours or dropout or n_grad > SHARD_MAX_PARAMS:
-        return 1, ""
     n = min(threads, batch_size)
+    if why_not or n < 2 or not ours or dropout or (n - 1) * n_grad > SHARD_MAX_EXTRA:
+        return 1, ""
     return n, f"{n} thread shards per micro-batch"
 
 

@@ -131,6 +131,11 @@ def test_auto_shards_only_where_the_run_stays_plain_and_deterministic(monkeypatc
     assert pick(0, cpu, False, False, 12, False, _model(), True)[0] == 1  # preference tuning: no split
     assert pick(0, cpu, False, False, 12, True, _model(), False)[0] == 1  # a transformers model
     assert pick(0, cpu, False, False, 1, True, _model(), True)[0] == 1  # one row
+    monkeypatch.setattr(parallel, "SHARD_MAX_EXTRA", 3 * sum(p.numel() for p in _model().parameters()))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert pick(0, cpu, False, False, 12, True, _model(), True)[0] == 4  # 3 extra gradient copies: allowed
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 5)
+    assert pick(0, cpu, False, False, 12, True, _model(), True)[0] == 1  # 4 copies: too much memory
     assert pick(0, torch.device("cuda"), False, False, 12, True, _model(), True)[0] == 1
     assert pick(3, cpu, False, False, 12, True, _model(dropout=0.1), True) == \
         (3, "3 thread shards per micro-batch (requested)")
