@@ -182,7 +182,6 @@ def _step(fwd: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimiz
 
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, 65, (B, T), generator=g).to(DEVICE) for _ in range(2))
-    autocast = torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype != torch.float32)
     threads = parallel.ThreadShards(shards) if shards > 1 else None
     if threads and hasattr(opt, "shards"):
         opt.shards = threads  # as the training loop sets it: Muon's Newton-Schulz on the same threads
@@ -203,9 +202,7 @@ def _step(fwd: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimiz
                 threads.backward(task.split((x, y), threads.n), loss_of, params)
                 update()
             return
-        with autocast:
-            _, loss = fwd(x, y)
-        loss.backward()
+        loss_of((x, y)).backward()
         update()
     return step
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
@@ -191,10 +191,9 @@ class ThreadShards:
             loss = loss_of(batch) * weight
             return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
 
-        torch.set_num_threads(1)  # this thread's ops too (one_thread keeps it for a whole step); workers set theirs
-        futures = []
-        try:
-            futures = [self._pool().submit(run, batch, weight) for batch, weight in shards[1:]]
+        futures: list[Future] = []
+        with self._working(futures):
+            futures += [self._submit(run, batch, weight) for batch, weight in shards[1:]]
             batch, weight = shards[0]
             loss = loss_of(batch) * weight
             loss.backward()
@@ -209,31 +208,35 @@ class ThreadShards:
                         else:
                             p.grad.add_(g)
             return total
-        finally:
-            wait(futures)  # after a failure too: no worker may still be running (or setting its thread count)
-            if not self.holding:
-                torch.set_num_threads(self.threads)
 
     def map(self, fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
         """[fn(x) for x in items], item i on thread i % n (this one takes the first), one torch thread each:
         what the optimizer runs on the threads (Muon's Newton-Schulz, by halves of each stack)."""
+        futures: list[Future] = []
+        with self._working(futures):
+            futures += [self._submit(fn, x) for i, x in enumerate(items) if i % self.n]
+            mine = iter([fn(x) for i, x in enumerate(items) if i % self.n == 0])
+            theirs = iter(futures)
+            return [next(theirs).result() if i % self.n else next(mine) for i in range(len(items))]
+
+    @contextlib.contextmanager
+    def _working(self, futures: list[Future]):
+        """This thread's ops at one torch thread while the workers run (one_thread keeps it for a whole step;
+        the workers set theirs as they start); on the way out, failures included, every worker has finished
+        before the thread count is given back."""
         torch.set_num_threads(1)
-        futures = []
         try:
-            futures = [self._pool().submit(fn, x) if i % self.n else None for i, x in enumerate(items)]
-            mine = [fn(x) for i, x in enumerate(items) if i % self.n == 0]
-            mine.reverse()
-            return [mine.pop() if f is None else f.result() for f in futures]
+            yield
         finally:
-            wait([f for f in futures if f is not None])
+            wait(futures)
             if not self.holding:
                 torch.set_num_threads(self.threads)
 
-    def _pool(self) -> ThreadPoolExecutor:
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         if self.pool is None:
             self.pool = ThreadPoolExecutor(self.n - 1, thread_name_prefix="pocketlm-shard",
                                            initializer=torch.set_num_threads, initargs=(1,))
-        return self.pool
+        return self.pool.submit(fn, *args)
 
     @contextlib.contextmanager
     def one_thread(self):
